@@ -1,0 +1,108 @@
+"""The one fused attention entry point. Every attention vlm owns calls :func:`attention`.
+
+Inputs are laid out ``(B, heads, L, head_dim)``. The work goes to
+``torch.nn.functional.scaled_dot_product_attention``, which picks the flash, cuDNN,
+memory-efficient or math kernel for the device; softmax(QK^T) is never written by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> Tensor:
+    """Scaled dot-product attention over ``(B, H, L, Dh)`` tensors.
+
+    Args:
+        mask: boolean, True where a query may attend to a key; broadcast to ``(B, H, Lq, Lk)``.
+            Prefer ``is_causal`` or no mask: a dense mask rules out the flash kernel.
+        is_causal: causal masking without materialising a mask.
+        dropout_p: attention dropout (pass 0 in eval).
+        scale: logit scale; defaults to ``1 / sqrt(head_dim)``.
+    """
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self- or cross-attention through :func:`attention`.
+
+    Args:
+        dim: width of the queries (and of the output).
+        num_heads: number of heads.
+        head_dim: width of one head; defaults to ``dim // num_heads``.
+        kv_dim: width of the keys/values source for cross-attention; ``None`` means
+            self-attention, which uses one fused ``qkv`` projection.
+        bias: bias on the q, k, v projections.
+        out_bias: bias on the output projection.
+        dropout: attention dropout in training.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        kv_dim: int | None = None,
+        bias: bool = True,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+            head_dim = dim // num_heads
+        self.num_heads, self.head_dim, self.dropout = num_heads, head_dim, dropout
+        inner = num_heads * head_dim
+        self.is_cross = kv_dim is not None
+        if self.is_cross:
+            self.q = nn.Linear(dim, inner, bias=bias)
+            self.kv = nn.Linear(kv_dim, 2 * inner, bias=bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
+        self.out = nn.Linear(inner, dim, bias=out_bias)
+
+    def _heads(self, x: Tensor) -> Tensor:  # (B, L, H*Dh) -> (B, H, L, Dh)
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """x: (B, L, dim); context: (B, S, kv_dim) for cross-attention; returns (B, L, dim)."""
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context tensor")
+            q = self.q(x)
+            k, v = self.kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        y = attention(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out(y.transpose(1, 2).flatten(2))

@@ -1,0 +1,180 @@
+"""Flamingo's bridge: a Perceiver resampler plus tanh-gated cross-attention inside the LM.
+
+The resampler turns each image's features into ``num_latents`` latents. Gated blocks run
+before every ``cross_attention_interval``-th LM layer (forward pre-hooks on the HF layers);
+their gates start at 0, so a fresh model computes exactly what the bare LM computes. Each
+text token attends only to the latents of the most recent image at or before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vlm.attention import MultiHeadAttention
+from vlm.bridges.base import Bridge
+from vlm.config import ConfigError
+from vlm.registry import register_bridge
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+@dataclass
+class PerceiverConfig:
+    """Resampler and gated cross-attention sizes (open_flamingo's by default).
+
+    Args:
+        num_latents: latents per image.
+        depth, num_heads, head_dim, mlp_ratio: resampler sizes.
+        mlp_act: resampler MLP activation, ``"gelu"`` (open_flamingo) or ``"relu"`` (IDEFICS).
+        cross_attention_interval: a gated block before every k-th LM layer.
+        placement: ``"first"`` puts it before layer ``i`` when ``i % k == 0`` (IDEFICS);
+            ``"last"`` when ``(i + 1) % k == 0`` (open_flamingo).
+        xattn_heads, xattn_head_dim, xattn_mlp_ratio: gated cross-attention sizes.
+    """
+
+    name: str = "perceiver"
+    num_latents: int = 64
+    depth: int = 6
+    num_heads: int = 8
+    head_dim: int = 64
+    mlp_ratio: float = 4.0
+    mlp_act: str = "gelu"
+    cross_attention_interval: int = 1
+    placement: str = "first"
+    xattn_heads: int = 8
+    xattn_head_dim: int = 64
+    xattn_mlp_ratio: float = 4.0
+
+
+def _mlp(dim: int, ratio: float, act: str) -> nn.Sequential:
+    hidden = int(dim * ratio)
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, hidden, bias=False), _ACTIVATIONS[act](), nn.Linear(hidden, dim, bias=False)
+    )
+
+
+class ResamplerLayer(nn.Module):
+    def __init__(self, dim: int, config: PerceiverConfig):
+        super().__init__()
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(
+            dim, config.num_heads, head_dim=config.head_dim, kv_dim=dim, bias=False, out_bias=False
+        )
+        self.mlp = _mlp(dim, config.mlp_ratio, config.mlp_act)
+
+    def forward(self, latents: Tensor, media: Tensor) -> Tensor:  # (N, M, D), (N, T, D)
+        q = self.norm_latents(latents)
+        latents = latents + self.attn(q, torch.cat([self.norm_media(media), q], dim=1))
+        return latents + self.mlp(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """Image features ``(N, T, D)`` to a fixed number of latents ``(N, num_latents, D)``."""
+
+    def __init__(self, dim: int, config: PerceiverConfig):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(config.num_latents, dim))
+        self.layers = nn.ModuleList(ResamplerLayer(dim, config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, media: Tensor) -> Tensor:
+        latents = self.latents.to(media.dtype).expand(media.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, media)
+        return self.norm(latents)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """``h + tanh(a) * xattn(h, media)``, then ``h + tanh(b) * mlp(h)``; ``a = b = 0`` at init."""
+
+    def __init__(self, dim: int, media_dim: int, config: PerceiverConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(
+            dim, config.xattn_heads, head_dim=config.xattn_head_dim, kv_dim=media_dim, bias=False, out_bias=False
+        )
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp = _mlp(dim, config.xattn_mlp_ratio, "gelu")
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, h: Tensor, media: Tensor, media_index: Tensor) -> Tensor:
+        """h (B, T, D); media (B, n_img, M, Dm); media_index (B, T): 1-based latest image, 0 = none."""
+        B, n_img, M, _ = media.shape
+        mask = None
+        if n_img > 1:  # only the latest image is visible; one image needs no mask at all
+            key_image = torch.arange(n_img * M, device=h.device) // M  # (n_img*M,)
+            latest = (media_index - 1).clamp(min=0)  # rows with no image yet see image 0, zeroed below
+            mask = (key_image[None, None, :] == latest[:, :, None]).unsqueeze(1)  # (B, 1, T, n_img*M)
+        x = self.attn(self.attn_norm(h), media.flatten(1, 2), mask=mask)
+        x = torch.where((media_index > 0).unsqueeze(-1), x, torch.zeros_like(x))
+        h = h + torch.tanh(self.attn_gate) * x
+        return h + torch.tanh(self.mlp_gate) * self.mlp(h)
+
+
+@register_bridge("perceiver", PerceiverConfig)
+class PerceiverBridge(Bridge):
+    cross_attention = True
+
+    def __init__(self, config: PerceiverConfig, *, vision_dim: int, text_dim: int, text_layers: int):
+        super().__init__()
+        k = config.cross_attention_interval
+        if k < 1 or config.placement not in ("first", "last"):
+            raise ConfigError(
+                "bridge.cross_attention_interval must be >= 1 and bridge.placement 'first' or 'last'"
+            )
+        if config.mlp_act not in _ACTIVATIONS:
+            raise ConfigError(f"bridge.mlp_act must be one of {sorted(_ACTIVATIONS)}")
+        self.config = config
+        self.resampler = PerceiverResampler(vision_dim, config)
+        offset = 0 if config.placement == "first" else k - 1
+        self.layer_ids = [i for i in range(text_layers) if i % k == offset]
+        self.blocks = nn.ModuleDict(
+            {str(i): GatedCrossAttentionBlock(text_dim, vision_dim, config) for i in self.layer_ids}
+        )
+        self._media: tuple[Tensor, Tensor] | None = None
+
+    def tokens_per_image(self, num_features: int) -> int:
+        return 1  # the <image> token marks where an image sits in the text
+
+    def forward(self, features: Tensor) -> Tensor:  # (N, T, Dv) -> (N, num_latents, Dv)
+        return self.resampler(features)
+
+    def attach(self, layers: nn.ModuleList) -> None:
+        """Runs the gated blocks before their LM layers (called once, by the model)."""
+        for i in self.layer_ids:
+            layers[i].register_forward_pre_hook(self._make_hook(self.blocks[str(i)]), with_kwargs=True)
+
+    def _make_hook(self, block: GatedCrossAttentionBlock):
+        def before_layer(module, args, kwargs):
+            if self._media is None:  # text only: the LM runs untouched
+                return None
+            if args:
+                return (block(args[0], *self._media), *args[1:]), kwargs
+            kwargs["hidden_states"] = block(kwargs["hidden_states"], *self._media)
+            return args, kwargs
+
+        return before_layer
+
+    @contextmanager
+    def media(self, latents: Tensor, image_positions: Tensor) -> Iterator[None]:
+        """Makes the LM attend to ``latents`` while inside the block.
+
+        Args:
+            latents: ``(N_img, M, D)``, the images of the batch in reading order.
+            image_positions: ``(B, T)`` bool, True at each ``<image>`` token.
+        """
+        counts = image_positions.sum(1)
+        B, n_max = image_positions.shape[0], int(counts.max()) if counts.numel() else 0
+        media = latents.new_zeros(B, max(n_max, 1), *latents.shape[1:])
+        media[torch.arange(max(n_max, 1), device=counts.device)[None] < counts[:, None]] = latents
+        self._media = (media, image_positions.long().cumsum(1))
+        try:
+            yield
+        finally:
+            self._media = None

@@ -1,0 +1,145 @@
+"""Any transformers causal LM as vlm's language decoder: frozen, trainable or with LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vlm.config import ConfigError
+from vlm.registry import register_decoder
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft; the LM's own weights stay frozen.
+
+    Args:
+        target_modules: module names to adapt; ``None`` uses peft's default for the family.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class HFDecoderConfig:
+    """A transformers causal LM, loaded from a local directory or built from a config.
+
+    Args:
+        pretrained: a local directory written by ``save_pretrained`` (config + weights).
+        hf_config: a transformers config as a dict with ``model_type`` (random init),
+            used when ``pretrained`` is not set.
+        freeze: keep the LM's weights fixed in training.
+        lora: add LoRA adapters (implies a frozen base).
+        attn_implementation: ``"sdpa"`` or ``"flash_attention_2"``.
+        dtype: weights' dtype, e.g. ``"bfloat16"``; ``None`` keeps float32.
+    """
+
+    name: str = "hf"
+    pretrained: str | None = None
+    hf_config: dict[str, Any] | None = None
+    freeze: bool = True
+    lora: LoraSettings | None = None
+    attn_implementation: str = "sdpa"
+    dtype: str | None = None
+
+
+def _load_lm(config: HFDecoderConfig) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
+    if config.dtype is not None:
+        kwargs["dtype"] = getattr(torch, config.dtype)
+    if config.pretrained is not None:
+        path = Path(config.pretrained)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"decoder.pretrained={config.pretrained!r} is not a local transformers model "
+                "directory (no config.json); save one with model.save_pretrained(DIR) and point "
+                "decoder.pretrained at DIR"
+            )
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not config.hf_config or "model_type" not in config.hf_config:
+        raise ConfigError(
+            "the decoder needs decoder.pretrained (a local model directory) or decoder.hf_config "
+            "(a transformers config dict with 'model_type', e.g. {'model_type': 'llama', ...})"
+        )
+    options = dict(config.hf_config)
+    try:
+        hf_config = AutoConfig.for_model(options.pop("model_type"), **options)
+        return AutoModelForCausalLM.from_config(hf_config, **kwargs)
+    except ValueError as err:  # unknown model_type, or a family with no causal LM head
+        raise ConfigError(f"decoder.hf_config cannot build a causal LM: {err}") from err
+
+
+def find_layers(lm: nn.Module) -> nn.ModuleList:
+    """The LM's list of decoder layers (``model.layers``, ``transformer.h``, ``decoder.layers``...)."""
+    n = lm.config.get_text_config().num_hidden_layers
+    for _, module in lm.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(f"cannot find the {n} decoder layers of {type(lm).__name__}")
+
+
+@register_decoder("hf", HFDecoderConfig)
+class HFDecoder(nn.Module):
+    """Wraps the LM; adds the ``<image>`` token when asked, then applies freeze / LoRA.
+
+    Args:
+        add_image_token: append one row to the embeddings for the ``<image>`` placeholder
+            (its id is then ``image_token_id``).
+    """
+
+    def __init__(self, config: HFDecoderConfig, *, add_image_token: bool = False):
+        super().__init__()
+        self.config = config
+        self.lm = _load_lm(config)
+        text_config = self.lm.config.get_text_config()
+        self.hidden_size = text_config.hidden_size
+        self.num_layers = text_config.num_hidden_layers
+        self.image_token_id = self._add_token() if add_image_token else None
+        self._set_trainable()
+
+    def _add_token(self) -> int:
+        """One more vocabulary row, set to the mean embedding: deterministic, so a rebuilt
+        base matches the one a bridge was trained on."""
+        new_id = self.lm.get_input_embeddings().num_embeddings
+        self.lm.resize_token_embeddings(new_id + 1, mean_resizing=False)
+        with torch.no_grad():
+            for emb in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings()):
+                if emb is not None:
+                    emb.weight[new_id] = emb.weight[:new_id].mean(0)
+        return new_id
+
+    def _set_trainable(self) -> None:
+        if self.config.lora is not None:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            self.lm.requires_grad_(False)
+            lora = self.config.lora
+            inject_adapter_in_model(
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
+                ),
+                self.lm,
+            )  # only the new lora_ parameters require grad
+        elif self.config.freeze:
+            self.lm.requires_grad_(False)
+
+    def layers(self) -> nn.ModuleList:
+        return find_layers(self.lm)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.lm.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

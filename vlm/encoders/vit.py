@@ -1,0 +1,128 @@
+"""A ViT patch tokenizer: patch embedding, position embeddings, pre-norm blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm.attention import MultiHeadAttention
+from vlm.config import ConfigError
+from vlm.encoders.base import CLIP_MEAN, CLIP_STD, ImageEncoder, resolve_layer
+from vlm.registry import register_encoder
+
+
+@dataclass
+class ViTConfig:
+    """A ViT written here, CLIP-shaped by default (ViT-B/16 sizes).
+
+    Args:
+        feature_layer: hidden state to return (``-2`` = penultimate block, as LLaVA).
+        keep_class_token: return the class token before the patch tokens.
+        final_norm: apply the final LayerNorm to the returned features (BLIP-2 style).
+        checkpoint: a local ``.safetensors`` file of this encoder's weights.
+        freeze: keep the encoder's weights fixed in training.
+    """
+
+    name: str = "vit"
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-5
+    feature_layer: int = -2
+    keep_class_token: bool = False
+    final_norm: bool = False
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    checkpoint: str | None = None
+    freeze: bool = True
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = MultiHeadAttention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+@register_encoder("vit", ViTConfig)
+class ViTEncoder(ImageEncoder):
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        if config.image_size % config.patch_size:
+            raise ConfigError(
+                f"encoder.image_size={config.image_size} is not a multiple of "
+                f"encoder.patch_size={config.patch_size}; change one of them"
+            )
+        if config.width % config.num_heads:
+            raise ConfigError(
+                f"encoder.width={config.width} is not divisible by encoder.num_heads="
+                f"{config.num_heads}; pick a head count that divides the width"
+            )
+        self.config = config
+        self.grid = config.image_size // config.patch_size
+        self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, config.patch_size, bias=False)
+        self.class_token = nn.Parameter(torch.randn(config.width) * config.width**-0.5)
+        self.pos_embed = nn.Parameter(torch.randn(self.grid**2 + 1, config.width) * 0.02)
+        self.norm_pre = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(config.width, config.num_heads, config.mlp_ratio, config.layer_norm_eps)
+            for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        # Blocks after the selected feature layer never run.
+        self.blocks_to_run = resolve_layer(config.feature_layer, config.depth, where="encoder")
+
+        self.feature_dim = config.width
+        self.num_tokens = self.grid**2 + int(config.keep_class_token)
+        self.image_size = config.image_size
+        self.mean, self.std = tuple(config.mean), tuple(config.std)
+        if config.checkpoint is not None:
+            self._load(config.checkpoint)
+
+    def _load(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise ConfigError(
+                f"encoder.checkpoint {path!r} does not exist; point it at a .safetensors file "
+                "of ViT weights, or set it to null for random initialisation"
+            )
+        self.load_state_dict(load_file(path))
+
+    def _positions(self, grid_h: int, grid_w: int) -> Tensor:
+        """Position embeddings, resized bicubically when the image is not ``image_size``."""
+        if (grid_h, grid_w) == (self.grid, self.grid):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:1], self.pos_embed[1:]
+        patch_pos = patch_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)[0]])
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = self.patch_embed(pixels)  # (B, D, h, w)
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positions(grid_h, grid_w).to(x.dtype)
+        x = self.norm_pre(x)
+        for block in self.blocks[: self.blocks_to_run]:
+            x = block(x)
+        if self.config.final_norm:
+            x = self.norm(x)
+        return x if self.config.keep_class_token else x[:, 1:]
+

@@ -1,0 +1,105 @@
+"""Saving and loading: ``config.json`` plus safetensors weights.
+
+Two kinds of checkpoint:
+- full (``model.safetensors``): self-contained; the decoder's transformers config is stored
+  in ``config.json``, so loading needs no other file.
+- bridge-only (``bridge.safetensors``, a few MB): the trained bridge, loaded onto the same
+  frozen encoder and decoder rebuilt from their own files (``encoder.checkpoint``,
+  ``decoder.pretrained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from vlm.config import ConfigError, ModelConfig
+from vlm.model import VisionLanguageModel, build_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+BRIDGE_FILE = "bridge.safetensors"
+
+
+def save_pretrained(model: VisionLanguageModel, path: str | Path, *, bridge_only: bool = False) -> None:
+    """Writes ``config.json`` and the weights (all of them, or the bridge's only) to ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if bridge_only:
+        _check_rebuildable_base(model.config)
+        config = model.config
+        save_file({k: v.contiguous() for k, v in model.bridge.state_dict().items()}, path / BRIDGE_FILE)
+    else:
+        config = _self_contained(model)
+        save_model(model, str(path / WEIGHTS_FILE))  # handles tied weights (e.g. GPT-2's lm_head)
+    (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def from_pretrained(path: str | Path) -> VisionLanguageModel:
+    """Builds the model ``path/config.json`` describes and loads its weights."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{str(path)!r} is not a vlm model directory (no {CONFIG_FILE}); "
+            "write one with model.save_pretrained(DIR)"
+        )
+    config = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    if (path / WEIGHTS_FILE).is_file():
+        model = build_model(config)
+        _load(lambda: load_model(model, str(path / WEIGHTS_FILE), strict=True), path / WEIGHTS_FILE)
+    elif (path / BRIDGE_FILE).is_file():
+        model = build_model(config)
+        weights = load_file(path / BRIDGE_FILE)
+        _load(lambda: model.bridge.load_state_dict(weights), path / BRIDGE_FILE)
+    else:
+        raise ConfigError(
+            f"no weights in {str(path)!r}: expected {WEIGHTS_FILE} or {BRIDGE_FILE}; "
+            "write them with model.save_pretrained(DIR)"
+        )
+    return model
+
+
+def _load(load, file: Path) -> None:
+    try:
+        load()
+    except RuntimeError as err:  # missing keys or shape mismatch
+        raise ConfigError(
+            f"the weights in {str(file)!r} do not fit the model its config.json describes; "
+            f"was the config edited after saving? ({err})"
+        ) from err
+
+
+def _self_contained(model: VisionLanguageModel) -> ModelConfig:
+    """The config to store beside full weights: no references to the base's own files."""
+    encoder = model.config.encoder
+    if hasattr(encoder, "checkpoint"):
+        encoder = dataclasses.replace(encoder, checkpoint=None)
+    decoder = dataclasses.replace(
+        model.config.decoder, pretrained=None, hf_config=model.decoder.lm.config.to_dict()
+    )
+    # The <image> row is in the saved embeddings already, so name it rather than add it again.
+    return dataclasses.replace(
+        model.config, encoder=encoder, decoder=decoder, image_token_id=model.image_token_id
+    )
+
+
+def _check_rebuildable_base(config: ModelConfig) -> None:
+    """A bridge-only checkpoint is only as good as the base it loads onto."""
+    problems = []
+    if not config.encoder.freeze:
+        problems.append("the encoder is trainable (its weights would be lost)")
+    if getattr(config.encoder, "checkpoint", None) is None:
+        problems.append("encoder.checkpoint is not set (a random encoder cannot be rebuilt)")
+    if not config.decoder.freeze or config.decoder.lora is not None:
+        problems.append("the decoder is trainable or has LoRA adapters (they would be lost)")
+    if config.decoder.pretrained is None:
+        problems.append("decoder.pretrained is not set (a random decoder cannot be rebuilt)")
+    if problems:
+        raise ConfigError(
+            "a bridge-only checkpoint needs a frozen base rebuilt from files, but "
+            + "; ".join(problems)
+            + ". Save the full model instead: model.save_pretrained(DIR)"
+        )

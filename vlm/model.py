@@ -1,0 +1,145 @@
+"""``VisionLanguageModel``: encoder -> bridge -> decoder, with a loss on answer tokens only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vlm.bridges  # noqa: F401  (fills the registries)
+import vlm.decoders  # noqa: F401
+import vlm.encoders  # noqa: F401
+from vlm.config import ModelConfig
+from vlm.registry import BRIDGES, DECODERS, ENCODERS
+
+IGNORE_INDEX = -100  # label of positions that do not count in the loss
+
+
+@dataclass
+class VLMOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+    past_key_values: Any = None
+
+
+class VisionLanguageModel(nn.Module):
+    """An image encoder, a bridge and a causal LM.
+
+    Images sit in the text as ``image_token_id`` placeholders: prefix bridges need
+    ``tokens_per_image`` of them per image (their places take the visual tokens);
+    cross-attention bridges need one per image (the LM attends to that image from there on).
+
+    Args:
+        config: the ``ModelConfig`` the parts were built from.
+        encoder, bridge, decoder: the built parts (see :func:`build_model`).
+    """
+
+    def __init__(self, config: ModelConfig, encoder: nn.Module, bridge: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.config = config
+        self.encoder, self.bridge, self.decoder = encoder, bridge, decoder
+        self.image_token_id = (
+            config.image_token_id if config.image_token_id is not None else decoder.image_token_id
+        )
+        self.tokens_per_image = bridge.tokens_per_image(encoder.num_tokens)
+        if bridge.cross_attention:
+            bridge.attach(decoder.layers())
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """``(N_img, 3, H, W)`` to the bridge's output for those images."""
+        return self.bridge(self.encoder(pixel_values))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> VLMOutput:
+        """Logits, and the loss when ``labels`` are given.
+
+        Args:
+            input_ids: ``(B, T)`` with the image placeholders in place.
+            pixel_values: ``(N_img, 3, H, W)``, every image of the batch in reading order
+                (row by row, left to right); ``None`` for text only.
+            attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding.
+            labels: ``(B, T)`` targets, ``-100`` where no loss is taken (prompt, padding);
+                image placeholders and padding are never counted.
+        """
+        is_image = input_ids == self.image_token_id
+        embeds = self.decoder.embed(input_ids)
+        visual = self.encode_images(pixel_values) if pixel_values is not None else None
+        self._check_image_count(is_image, visual)
+        if visual is None or not self.bridge.cross_attention:
+            if visual is not None:
+                embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+            out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
+        else:
+            with self.bridge.media(visual, is_image):
+                out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
+        loss = None
+        if labels is not None:
+            labels = labels.masked_fill(is_image, IGNORE_INDEX)
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+            loss = answer_loss(out.logits, labels)
+        return VLMOutput(logits=out.logits, loss=loss)
+
+    def _check_image_count(self, is_image: Tensor, visual: Tensor | None) -> None:
+        placeholders = int(is_image.sum())
+        images = 0 if visual is None else visual.shape[0]
+        if placeholders != images * self.tokens_per_image:
+            raise ValueError(
+                f"input_ids hold {placeholders} image placeholder(s) (id {self.image_token_id}) but "
+                f"{images} image(s) were given, which need {self.tokens_per_image} each; put "
+                f"{self.tokens_per_image} placeholder(s) in the text where each image goes"
+            )
+
+    def save_pretrained(self, path: str | Path, *, bridge_only: bool = False) -> None:
+        """Writes ``config.json`` and the weights; see :func:`vlm.hub.save_pretrained`."""
+        from vlm.hub import save_pretrained
+
+        save_pretrained(self, path, bridge_only=bridge_only)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VisionLanguageModel:
+        """Loads a directory written by :meth:`save_pretrained`."""
+        from vlm.hub import from_pretrained
+
+        return from_pretrained(path)
+
+
+def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy averaged over the positions whose label is not ``-100``."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def build_model(config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
+    """Builds the model a config describes (a ``ModelConfig`` or its dict form)."""
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    else:  # validate names early, with the same message as for dicts
+        config = ModelConfig(
+            encoder=ENCODERS.parse(config.encoder),
+            bridge=BRIDGES.parse(config.bridge),
+            decoder=DECODERS.parse(config.decoder),
+            image_token_id=config.image_token_id,
+            extra=config.extra,
+        )
+    encoder = ENCODERS.build(config.encoder)
+    if config.encoder.freeze:
+        encoder.requires_grad_(False)
+    decoder = DECODERS.build(config.decoder, add_image_token=config.image_token_id is None)
+    bridge = BRIDGES.build(
+        config.bridge,
+        vision_dim=encoder.feature_dim,
+        text_dim=decoder.hidden_size,
+        text_layers=decoder.num_layers,
+    )
+    return VisionLanguageModel(config, encoder, bridge, decoder)
