@@ -36,8 +36,7 @@ def parse_dataclass(cls: type, data: dict[str, Any], *, where: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"known keys are: {', '.join(known)}"
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys are: {', '.join(known)}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {}

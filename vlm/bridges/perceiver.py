@@ -54,7 +54,10 @@ class PerceiverConfig:
 def _mlp(dim: int, ratio: float, act: str) -> nn.Sequential:
     hidden = int(dim * ratio)
     return nn.Sequential(
-        nn.LayerNorm(dim), nn.Linear(dim, hidden, bias=False), _ACTIVATIONS[act](), nn.Linear(hidden, dim, bias=False)
+        nn.LayerNorm(dim),
+        nn.Linear(dim, hidden, bias=False),
+        _ACTIVATIONS[act](),
+        nn.Linear(hidden, dim, bias=False),
     )
 
 
@@ -97,7 +100,12 @@ class GatedCrossAttentionBlock(nn.Module):
         super().__init__()
         self.attn_norm = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(
-            dim, config.xattn_heads, head_dim=config.xattn_head_dim, kv_dim=media_dim, bias=False, out_bias=False
+            dim,
+            config.xattn_heads,
+            head_dim=config.xattn_head_dim,
+            kv_dim=media_dim,
+            bias=False,
+            out_bias=False,
         )
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp = _mlp(dim, config.xattn_mlp_ratio, "gelu")

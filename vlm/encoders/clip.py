@@ -99,4 +99,3 @@ class CLIPEncoder(ImageEncoder):
         if self.config.keep_class_token:
             x = torch.cat([out["image_intermediates_prefix"][0], x], dim=1)
         return x
-

@@ -125,4 +125,3 @@ class ViTEncoder(ImageEncoder):
         if self.config.final_norm:
             x = self.norm(x)
         return x if self.config.keep_class_token else x[:, 1:]
-

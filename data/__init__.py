@@ -1,0 +1,1 @@
+"""Data: webdataset pipelines, shard writers, the synthetic shapes dataset."""

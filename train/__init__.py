@@ -1,0 +1,1 @@
+"""Training: trainer, recipes, checkpoints, distributed."""
