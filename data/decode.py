@@ -1,0 +1,107 @@
+"""Robust image decoding: whatever the bytes, either an RGB image or a named reason to skip.
+
+Training streams millions of images of every kind; one bad file must never stop a run.
+``decode_image`` applies the EXIF orientation, converts every mode to RGB (transparency
+composited on white, 16-bit scaled, CMYK converted) and turns each failure into
+``BadSample(reason)``; ``DecodeStats`` counts what happened.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Default decompression-bomb limit, in pixels (Pillow's own default is about 89 M).
+MAX_PIXELS = 64_000_000
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+class BadSample(Exception):
+    """A sample to skip; ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class DecodeStats:
+    """What one pass over the data yielded, converted and skipped."""
+
+    ok: int = 0
+    converted: Counter = field(default_factory=Counter)  # source mode -> count
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+    def merge(self, other: DecodeStats) -> None:
+        self.ok += other.ok
+        self.converted.update(other.converted)
+        self.skipped.update(other.skipped)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "converted": dict(self.converted), "skipped": dict(self.skipped)}
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
+        converted = ", ".join(f"{k} {v}" for k, v in sorted(self.converted.items())) or "none"
+        return f"{self.ok} samples ok; converted to RGB: {converted}; skipped: {skipped}"
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _sixteen_bit(image: Image.Image) -> Image.Image:
+    """Scales 16-bit (or 32-bit integer) grey to 8 bits; Pillow's convert would clip instead."""
+    array = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+    grey = np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """The image in RGB, and the mode it was converted from (``None`` if it was RGB)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode == "P":
+        has_alpha = "transparency" in image.info
+        return (_on_white(image) if has_alpha else image.convert("RGB")), "P"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return _on_white(image), mode
+    if mode.startswith("I"):  # I, I;16, I;16B, I;16L ...
+        return _sixteen_bit(image), mode
+    return image.convert("RGB"), mode  # L, 1, CMYK, YCbCr, LAB, HSV, F
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str | None]:
+    """Decodes image bytes to RGB with the EXIF orientation applied.
+
+    Returns the image and the mode it was converted from (``None`` for RGB sources).
+    Raises ``BadSample`` with reason ``empty``, ``not_an_image``, ``too_large`` or ``truncated``.
+    """
+    if not data:
+        raise BadSample("empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        reason = "not_an_image" if isinstance(err, UnidentifiedImageError) else "too_large"
+        raise BadSample(reason, str(err)) from err
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadSample("too_large", f"{width}x{height} is over {max_pixels} pixels")
+    try:
+        image.load()  # truncation only shows when the pixels are read
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadSample("truncated", str(err)) from err

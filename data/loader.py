@@ -1,0 +1,117 @@
+"""From decoded samples to model batches: task examples, transforms, tokens, collation.
+
+A shard sample may yield several examples: its caption (task ``caption``) and each of its
+questions (task ``vqa``); the image is transformed once and shared by its examples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from data.pipeline import ImageTextShards
+
+log = logging.getLogger(__name__)
+
+TASKS = ("caption", "vqa")
+
+
+def task_examples(text: dict[str, Any], tasks: Sequence[str] = TASKS) -> Iterator[dict[str, Any]]:
+    """The examples one sample's text holds, for the tasks asked for.
+
+    Text forms: ``caption`` / ``captions`` (the first is the training target, all are
+    references), ``question`` + ``answers``, or ``qa``: a list of ``{question, answer(s)}``.
+    """
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; tasks are {TASKS}")
+    if "caption" in tasks:
+        captions = text.get("captions") or ([text["caption"]] if text.get("caption") else [])
+        if captions:
+            yield {"task": "caption", "answer": captions[0], "references": list(captions)}
+    if "vqa" in tasks:
+        pairs = text.get("qa") or ([text] if "question" in text else [])
+        for qa in pairs:
+            answers = qa.get("answers") or [qa["answer"]]
+            # The most frequent human answer is the target; all of them score predictions.
+            target = Counter(answers).most_common(1)[0][0]
+            yield {"task": "vqa", "question": qa["question"], "answer": target, "answers": list(answers)}
+
+
+class ExampleStream(IterableDataset):
+    """Tokenised examples with their pixels, ready for :func:`collate`.
+
+    Args:
+        samples: decoded samples (an :class:`ImageTextShards`).
+        processor: a ``vlm.processor.Processor``.
+        transform: PIL image -> tensor (see ``data.transforms.encoder_transform``).
+        tasks: which examples to draw from each sample.
+    """
+
+    def __init__(
+        self, samples: ImageTextShards, processor, transform: Callable, tasks: Sequence[str] = TASKS
+    ):
+        super().__init__()
+        self.samples, self.processor, self.transform, self.tasks = samples, processor, transform, tuple(tasks)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.samples.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        truncated_before = self.processor.truncated
+        for sample in self.samples:
+            images = sample["images"] if "images" in sample else [sample["image"]]
+            pixels = torch.stack([self.transform(image) for image in images])
+            for example in task_examples(sample["text"], self.tasks):
+                encoded = self.processor.encode(
+                    example["task"],
+                    question=example.get("question"),
+                    answer=example["answer"],
+                    num_images=len(images),
+                )
+                if encoded is None:
+                    continue
+                yield {**example, **encoded, "pixel_values": pixels, "key": sample["key"]}
+        truncated = self.processor.truncated - truncated_before
+        if truncated:
+            log.warning(
+                "%d example(s) longer than max_length=%d were truncated", truncated, self.processor.max_length
+            )
+
+
+def collate(examples: list[dict[str, Any]], processor, *, side: str = "right") -> dict[str, Any]:
+    """A batch: padded ``input_ids`` / ``attention_mask`` / ``labels``, every image of the batch
+    in reading order as ``pixel_values`` ``(N_img, 3, H, W)``, and the examples' metadata."""
+    batch = processor.pad(examples, side=side)
+    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in examples])
+    for field in ("task", "key", "question", "answers", "references"):
+        batch[field] = [e.get(field) for e in examples]
+    return batch
+
+
+def make_loader(
+    shards: str | Sequence[str],
+    processor,
+    transform: Callable,
+    *,
+    batch_size: int,
+    tasks: Sequence[str] = TASKS,
+    num_workers: int = 0,
+    padding_side: str = "right",
+    **shard_options: Any,
+) -> DataLoader:
+    """A DataLoader of model batches from shards; ``shard_options`` go to :class:`ImageTextShards`."""
+    stream = ExampleStream(ImageTextShards(shards, **shard_options), processor, transform, tasks)
+    return DataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=partial(collate, processor=processor, side=padding_side),
+        persistent_workers=False,
+    )

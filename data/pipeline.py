@@ -1,0 +1,206 @@
+"""Streaming image-text samples from webdataset shards.
+
+The pipeline, stage by stage::
+
+    shard list ─► this rank's and this worker's shards (shuffled per epoch, or resampled)
+               ─► tar members grouped into samples (local paths, http(s)://, pipe: URLs)
+               ─► shuffle buffer ─► robust decode (bad samples skipped and counted)
+
+In the default (non-resampled) mode every sample is read exactly once per epoch across all
+ranks and DataLoader workers: shards are dealt out, rank first, then worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, BadSample, DecodeStats, decode_image
+
+log = logging.getLogger(__name__)
+
+
+def expand_shards(specs: str | Sequence[str]) -> list[str]:
+    """Shard URLs from brace patterns (``shard-{000000..000009}.tar``), directories (every
+    ``*.tar`` inside), local globs, and remote or ``pipe:`` URLs (kept as they are)."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    urls: list[str] = []
+    for spec in specs:
+        for url in wds.shardlists.expand_urls(spec):
+            path = Path(url)
+            if "://" in url or url.startswith("pipe:"):
+                urls.append(url)
+            elif path.is_dir():
+                urls += sorted(str(p) for p in path.glob("*.tar"))
+            elif any(c in url for c in "*?["):
+                urls += sorted(glob.glob(url))
+            elif path.is_file():
+                urls.append(url)
+            else:
+                raise FileNotFoundError(f"no shard file or directory at {url!r}")
+    return urls
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed, else from torchrun's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def split_shards(
+    urls: Sequence[str], *, rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
+    """This consumer's share: every ``world_size``-th shard for the rank, then every
+    ``num_workers``-th of those for the worker. Each shard goes to exactly one consumer."""
+    return list(urls[rank::world_size][worker::num_workers])
+
+
+def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple[dict[str, Any], str | None]:
+    """A tar sample to ``{"key", "url", "image" (PIL RGB), "text" (dict)}`` (plus ``"images"`` when
+    it holds several) and the mode it was converted from.
+
+    Raises ``BadSample`` (``missing_image``, ``missing_text``, ``bad_text`` or a decode reason).
+    """
+    exts = _image_keys(raw)
+    if not exts:
+        raise BadSample("missing_image")
+    if "json" in raw:
+        try:
+            text = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BadSample("bad_text", str(err)) from err
+        if not isinstance(text, dict) or not text:
+            raise BadSample("bad_text", "json is not an object")
+    elif raw.get("txt"):
+        text = {"caption": raw["txt"].decode("utf-8", errors="replace").strip()}
+    else:
+        raise BadSample("missing_text")
+    decoded = [decode_image(raw[ext], max_pixels=max_pixels) for ext in exts]
+    sample = {"key": raw["__key__"], "url": raw.get("__url__", ""), "image": decoded[0][0], "text": text}
+    if len(exts) > 1:  # several images: KEY.0.jpg, KEY.1.jpg, ... in that order
+        sample["images"] = [image for image, _ in decoded]
+    converted = next((mode for _, mode in decoded if mode is not None), None)
+    return sample, converted
+
+
+def _image_keys(raw: dict[str, Any]) -> list[str]:
+    """``jpg`` (one image) or ``0.jpg``, ``1.png``, ... (several, in numeric order)."""
+    single = [e for e in (*IMAGE_EXTENSIONS, "img") if e in raw]
+    if single:
+        return single[:1]
+    numbered = []
+    for key in raw:
+        index, _, ext = key.partition(".")
+        if index.isdigit() and ext in (*IMAGE_EXTENSIONS, "img"):
+            numbered.append((int(index), key))
+    return [key for _, key in sorted(numbered)]
+
+
+class ImageTextShards(IterableDataset):
+    """Decoded image-text samples streamed from webdataset shards.
+
+    Args:
+        shards: shard URLs or patterns (see :func:`expand_shards`).
+        shuffle_shards: shuffle the shard order every epoch (seeded by ``seed`` and the epoch).
+        shuffle_buffer: samples held for shuffling; 0 or 1 keeps the stored order.
+        resampled: draw shards at random with replacement, forever (for step-based training).
+        seed: the seed of every random choice; the same seed gives the same order.
+        rank, world_size: override the distributed position (default: torch.distributed / env).
+        max_pixels: decompression-bomb limit.
+
+    Samples are dicts ``{"key", "url", "image", "text"}``. Bad samples are skipped with a
+    warning and counted; the counts of the last pass are in ``stats`` (in-process iteration) and
+    logged at the end of every pass in each worker.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        *,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ):
+        super().__init__()
+        self.urls = expand_shards(shards)
+        if not self.urls:
+            raise FileNotFoundError(f"no shards match {shards!r}")
+        self.shuffle_shards, self.shuffle_buffer, self.resampled = shuffle_shards, shuffle_buffer, resampled
+        self.seed, self.rank, self.world_size, self.max_pixels = seed, rank, world_size, max_pixels
+        self.epoch = 0
+        self.stats = DecodeStats()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _consumer(self) -> tuple[int, int, int, int]:
+        rank, world = dist_info()
+        rank = rank if self.rank is None else self.rank
+        world = world if self.world_size is None else self.world_size
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank, world, worker, workers
+
+    def _shards(self, rng: random.Random, rank: int, world: int, worker: int, workers: int) -> Iterator[str]:
+        if self.resampled:
+            while True:
+                yield rng.choice(self.urls)
+        order = list(self.urls)
+        if self.shuffle_shards:  # the same permutation on every rank and worker
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        yield from split_shards(order, rank=rank, world_size=world, worker=worker, num_workers=workers)
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world, worker, workers = self._consumer()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
+        stats = self.stats = DecodeStats()
+
+        def on_error(err: Exception) -> bool:  # unreadable shard or tar member: count, go on
+            stats.skipped["bad_shard"] += 1
+            log.warning("skipping unreadable shard data: %s", err)
+            return True
+
+        urls = ({"url": url} for url in self._shards(rng, rank, world, worker, workers))
+        raw_samples = wds.tariterators.tarfile_samples(urls, handler=on_error)
+        for raw in self._shuffled(iter(raw_samples), rng):
+            try:
+                sample, converted = decode_sample(raw, max_pixels=self.max_pixels)
+            except BadSample as bad:
+                stats.skipped[bad.reason] += 1
+                log.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), bad)
+                continue
+            if converted is not None:
+                stats.converted[converted] += 1
+            stats.ok += 1
+            yield sample
+        log.info("pass over %s (rank %d, worker %d): %s", "shards", rank, worker, stats.summary())

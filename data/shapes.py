@@ -1,0 +1,415 @@
+"""The synthetic shapes dataset: flat coloured shapes on a plain background, with captions and QA.
+
+Each image holds 1-3 shapes, one per column (left / center / right), never two identical
+(colour, shape) pairs. The text is templated and fully determined by the objects, so a tiny model
+can learn it in minutes. A few colour-shape pairs (``HELD_OUT``) never occur in the train split
+but do occur in val and test, to measure compositional generalisation.
+
+Every sample is a pure function of ``(seed, split, index)``: ``generate`` can rebuild any sample
+of any split without generating the ones before it.
+
+Text pre-tokenization: lowercase words and digits, plus ``,`` ``:`` ``?`` as separate tokens;
+words are separated by single spaces and punctuation attaches to the word before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from data.writers import Record, encode_png, write_shards
+
+#: Bump when the images or texts change, so ``write_shapes`` rebuilds existing shard sets.
+VERSION = 1
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 0),
+    "purple": (140, 40, 180),
+    "orange": (250, 120, 0),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLUMNS: tuple[str, ...] = ("left", "center", "right")
+BACKGROUND = (240, 240, 235)
+
+#: Never in train, present in val and test; each colour and each shape occurs at most once here.
+HELD_OUT: tuple[tuple[str, str], ...] = (("blue", "triangle"), ("yellow", "circle"), ("purple", "square"))
+
+SPLITS = ("train", "val", "test")
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<image>"]
+
+# How a column is named inside a sentence ("a red circle on the left", "what is in the center?").
+_WHERE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+_TOKEN = re.compile(r"[a-z0-9]+|[,:?]")
+
+
+@dataclass
+class ShapeSample:
+    """One generated sample.
+
+    ``objects`` are sorted left to right; each is ``{"color", "shape", "column", "box"}`` where
+    ``box`` is ``[x0, y0, x1, y1]`` in pixels (x1, y1 exclusive).
+    """
+
+    image: Image.Image
+    objects: list[dict[str, Any]]
+    captions: list[str]
+    qa: list[dict[str, str]]
+
+    @property
+    def text(self) -> dict[str, Any]:
+        """The JSON written next to the image in a shard."""
+        return {"captions": self.captions, "qa": self.qa, "objects": self.objects}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return f"{obj['color']} {obj['shape']}"
+
+
+def _a(obj: dict[str, Any]) -> str:
+    """The object with its article: 'a red circle', 'an orange square'."""
+    article = "an" if obj["color"][0] in "aeiou" else "a"
+    return f"{article} {_name(obj)}"
+
+
+def _join(phrases: list[str]) -> str:
+    """'x', 'x and y', 'x, y and z'."""
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def captions_for(objects: list[dict[str, Any]]) -> list[str]:
+    """Three captions for objects sorted left to right; the first is the canonical template.
+
+    Args:
+        objects: dicts with ``color``, ``shape`` and ``column``, sorted left to right.
+
+    Returns:
+        ``["a red circle on the left and a blue square on the right",
+        "there are 2 shapes: a red circle and a blue square",
+        "a red circle to the left of a blue square"]``, or for one object
+        ``["a green triangle in the center", "there is 1 shape: a green triangle",
+        "a single green triangle in the center"]``.
+    """
+    names = [_a(o) for o in objects]
+    canonical = _join([f"{n} {_WHERE[o['column']]}" for n, o in zip(names, objects)])
+    if len(objects) == 1:
+        count = f"there is 1 shape: {names[0]}"
+        relation = f"a single {_name(objects[0])} {_WHERE[objects[0]['column']]}"
+    else:
+        count = f"there are {len(objects)} shapes: {_join(names)}"
+        if len(objects) == 2:
+            relation = f"{names[0]} to the left of {names[1]}"
+        else:  # three objects fill the three columns, so the second is in the middle
+            relation = f"{names[1]} between {names[0]} and {names[2]}"
+    return [canonical, count, relation]
+
+
+def qa_for(objects: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Question-answer pairs about objects sorted left to right.
+
+    Questions: ``how many shapes are there?``; per object ``what color is the <shape>?`` (only if
+    that shape is unique in the image), ``what shape is the <color> object?`` (only if that
+    colour is unique), ``where is the <color> <shape>?``; then ``what is on the left?`` /
+    ``what is in the center?`` / ``what is on the right?`` for occupied columns.
+
+    Args:
+        objects: dicts with ``color``, ``shape`` and ``column``, sorted left to right.
+    """
+    shape_counts = Counter(o["shape"] for o in objects)
+    color_counts = Counter(o["color"] for o in objects)
+    pairs = [("how many shapes are there?", str(len(objects)))]
+    for o in objects:
+        if shape_counts[o["shape"]] == 1:
+            pairs.append((f"what color is the {o['shape']}?", o["color"]))
+        if color_counts[o["color"]] == 1:
+            pairs.append((f"what shape is the {o['color']} object?", o["shape"]))
+        pairs.append((f"where is the {_name(o)}?", o["column"]))
+    for o in objects:
+        pairs.append((f"what is {_WHERE[o['column']]}?", _name(o)))
+    return [{"question": q, "answer": a} for q, a in pairs]
+
+
+def words(text: str) -> list[str]:
+    """The pre-tokenization the tokenizer uses: words, digits and ``,`` ``:`` ``?``."""
+    return _TOKEN.findall(text)
+
+
+def _all_texts(objects: list[dict[str, Any]]) -> list[str]:
+    qa = qa_for(objects)
+    return captions_for(objects) + [p["question"] for p in qa] + [p["answer"] for p in qa]
+
+
+def vocabulary() -> list[str]:
+    """Every token that can appear in a caption, question or answer, sorted.
+
+    Found by writing the text of every possible object layout (a few thousand), so it can never
+    miss a word the templates use.
+    """
+    return list(_vocabulary())
+
+
+@lru_cache(maxsize=1)
+def _vocabulary() -> tuple[str, ...]:
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    vocab: set[str] = set()
+    for n in (1, 2, 3):
+        for columns in itertools.combinations(COLUMNS, n):
+            for picked in itertools.permutations(combos, n):
+                objects = [{"color": c, "shape": s, "column": col} for (c, s), col in zip(picked, columns)]
+                for text in _all_texts(objects):
+                    vocab.update(words(text))
+    return tuple(sorted(vocab))
+
+
+def tokenizer():
+    """A word-level ``transformers`` tokenizer over ``vocabulary()`` plus the special tokens.
+
+    Ids 0-4 are ``<pad> <bos> <eos> <unk> <image>``. Encoding adds no special tokens (the
+    training pipeline places ``<bos>`` / ``<eos>`` itself); ``decode(ids, skip_special_tokens=True)``
+    gives back the original text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
+    )
+    # The WordPiece decoder (with a prefix no token has) puts a space before every token but the
+    # first; the replacements then re-attach punctuation to the word before it.
+    backend.decoder = decoders.Sequence(
+        [decoders.WordPiece(prefix="##", cleanup=False)]
+        + [decoders.Replace(f" {mark}", mark) for mark in ",:?"]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def _allowed_combos(split: str) -> list[tuple[str, str]]:
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    return [pair for pair in combos if pair not in HELD_OUT] if split == "train" else combos
+
+
+def _box(rng: random.Random, column: int, image_size: int) -> list[int]:
+    """A square box inside ``column`` with a 1-pixel margin, so shapes in different columns never
+    touch; size and position jitter a little around the column centre."""
+    left, right = round(column * image_size / 3), round((column + 1) * image_size / 3)
+    width = right - left
+    size = max(3, round(width * rng.uniform(0.5, 0.7)))
+    slack_x = width - size - 2
+    x0 = left + 1 + round(slack_x / 2 * (1 + 0.6 * rng.uniform(-1, 1)))
+    slack_y = image_size - size - 2
+    y0 = 1 + round(slack_y / 2 * (1 + 0.5 * rng.uniform(-1, 1)))
+    return [x0, y0, x0 + size, y0 + size]
+
+
+def render(objects: list[dict[str, Any]], image_size: int) -> Image.Image:
+    """Draws the objects (with their ``box``) as flat, non-antialiased shapes on the background.
+
+    Args:
+        objects: dicts with ``color``, ``shape`` and ``box``.
+        image_size: width and height of the image in pixels.
+    """
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        x0, y0, x1, y1 = o["box"]
+        fill = COLORS[o["color"]]
+        if o["shape"] == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:  # an upward triangle filling the box
+            draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+    return image
+
+
+def generate(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> ShapeSample:
+    """The sample ``index`` of ``split``; depends only on ``(seed, split, index)``.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"`` (train never shows a ``HELD_OUT`` pair).
+        index: sample number within the split.
+        seed: dataset seed.
+        image_size: image width and height in pixels (at least 24).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if image_size < 24:
+        raise ValueError(f"image_size must be at least 24, got {image_size}")
+    # A string seed is hashed with SHA-512 by random.Random: stable across runs and processes.
+    rng = random.Random(f"{seed}:{split}:{index}")
+    n = rng.randint(1, 3)
+    columns = sorted(rng.sample(range(3), n))
+    pairs = rng.sample(_allowed_combos(split), n)  # distinct pairs: no two identical objects
+    objects = [
+        {"color": c, "shape": s, "column": COLUMNS[col], "box": _box(rng, col, image_size)}
+        for (c, s), col in zip(pairs, columns)
+    ]
+    return ShapeSample(render(objects, image_size), objects, captions_for(objects), qa_for(objects))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+
+def _records(split: str, count: int, seed: int, image_size: int):
+    for index in range(count):
+        sample = generate(split, index, seed=seed, image_size=image_size)
+        yield Record(image=encode_png(sample.image), text=sample.text, name=f"{split}/{index}", ext="png")
+
+
+def _arguments(seed: int, sizes: dict[str, int], image_size: int, samples_per_shard: int) -> dict[str, Any]:
+    return {
+        "version": VERSION,
+        "seed": seed,
+        "sizes": sizes,
+        "image_size": image_size,
+        "samples_per_shard": samples_per_shard,
+    }
+
+
+def _existing(manifest_path: Path, arguments: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest on disk if it was written with the same arguments and its shards exist."""
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if any(manifest.get(key) != value for key, value in arguments.items()):
+        return None
+    shards = [manifest_path.parent / s for split in SPLITS for s in manifest.get("shards", {}).get(split, [])]
+    return manifest if all(s.is_file() for s in shards) else None
+
+
+def write_shapes(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    train: int = 20000,
+    val: int = 500,
+    test: int = 500,
+    image_size: int = 64,
+    samples_per_shard: int = 2000,
+) -> dict[str, Any]:
+    """Writes the shard set, the tokenizer and ``shapes.json``; a no-op if they already exist.
+
+    Layout: ``out_dir/{train,val,test}/shapes-<split>-000000.tar ...``, ``out_dir/tokenizer/``
+    and ``out_dir/shapes.json`` (the manifest; written last, so its presence means complete).
+
+    Args:
+        out_dir: where to write.
+        seed: dataset seed.
+        train, val, test: number of samples per split.
+        image_size: image width and height in pixels.
+        samples_per_shard: samples per tar shard.
+
+    Returns:
+        The manifest: the arguments, colours, shapes, held-out pairs, vocabulary size, and per
+        split the sample count and shard paths (relative to ``out_dir``).
+    """
+    out_dir = Path(out_dir)
+    sizes = {"train": train, "val": val, "test": test}
+    arguments = _arguments(seed, sizes, image_size, samples_per_shard)
+    manifest_path = out_dir / "shapes.json"
+    existing = _existing(manifest_path, arguments)
+    if existing is not None:
+        return existing
+
+    counts, shards = {}, {}
+    for split, count in sizes.items():
+        split_dir = out_dir / split
+        # Old shards of another configuration would otherwise be picked up by a glob.
+        for old in split_dir.glob(f"shapes-{split}-*.tar*"):
+            old.unlink()
+        summary = write_shards(
+            _records(split, count, seed, image_size),
+            split_dir,
+            prefix=f"shapes-{split}",
+            samples_per_shard=samples_per_shard,
+            total=count,
+            desc=f"shapes {split}",
+            check_images=False,  # generated in memory just now: nothing to check
+        )
+        counts[split] = summary.written
+        shards[split] = [Path(s).relative_to(out_dir).as_posix() for s in summary.shards]
+    tokenizer().save_pretrained(str(out_dir / "tokenizer"))
+
+    manifest = {
+        **arguments,
+        "colors": {name: list(rgb) for name, rgb in COLORS.items()},
+        "shapes": list(SHAPES),
+        "held_out": [list(pair) for pair in HELD_OUT],
+        "vocab_size": len(SPECIAL_TOKENS) + len(vocabulary()),
+        "counts": counts,
+        "shards": shards,
+        "tokenizer": "tokenizer",
+    }
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m data.shapes OUT_DIR [--train N ...]``: writes the dataset and times it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=20000)
+    parser.add_argument("--val", type=int, default=500)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--samples-per-shard", type=int, default=2000)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    manifest = write_shapes(
+        args.out_dir,
+        seed=args.seed,
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        image_size=args.image_size,
+        samples_per_shard=args.samples_per_shard,
+    )
+    print(f"{manifest['counts']} in {time.perf_counter() - start:.1f}s -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

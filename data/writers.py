@@ -1,0 +1,229 @@
+"""Shard writers: image-text pairs into webdataset tar shards.
+
+A shard holds ``KEY.<ext>`` (the original image bytes, never re-encoded) and ``KEY.json``
+(``{"caption": ...}``, ``{"captions": [...]}`` or ``{"question": ..., "answers": [...]}``).
+Every image is decoded once before it is written, with the same decoding as training, so a
+shard set holds only samples a run can use; what was skipped, and why, is in the summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from tqdm import tqdm
+
+from data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
+
+
+@dataclass
+class Record:
+    """One sample to write: where its image is (a path, or bytes already in memory) and its text."""
+
+    image: Path | bytes
+    text: dict[str, Any]
+    name: str = ""  # where it came from, for the summary
+    ext: str = ""  # image extension when ``image`` is bytes
+
+
+@dataclass
+class Skip:
+    """A sample the writer could not use."""
+
+    reason: str
+    name: str
+
+
+@dataclass
+class WriteSummary:
+    written: int = 0
+    shards: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(name)
+
+    def report(self) -> str:
+        lines = [f"wrote {self.written} samples in {len(self.shards)} shard(s)"]
+        for reason, count in sorted(self.skipped.items()):
+            lines.append(f"skipped {count} ({reason}), e.g. {', '.join(self.examples[reason])}")
+        return "\n".join(lines)
+
+
+class _Shards:
+    """Rolls over to a new tar every ``max_count`` samples or ``max_bytes`` bytes.
+    Each shard is written to a temporary name and renamed when complete."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_count: int, max_bytes: int):
+        self.out_dir, self.prefix = out_dir, prefix
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.index, self.count, self.bytes = 0, 0, 0
+        self.writer: wds.TarWriter | None = None
+        self.path: Path | None = None
+        self.done: list[str] = []
+
+    def write(self, sample: dict[str, Any], size: int) -> None:
+        if self.writer is not None and (self.count >= self.max_count or self.bytes + size > self.max_bytes):
+            self.close()
+        if self.writer is None:
+            self.path = self.out_dir / f"{self.prefix}-{self.index:06d}.tar"
+            self.writer = wds.TarWriter(str(self.path) + ".tmp")
+            self.index += 1
+        self.writer.write(sample)
+        self.count, self.bytes = self.count + 1, self.bytes + size
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        os.replace(str(self.path) + ".tmp", self.path)
+        self.done.append(str(self.path))
+        self.writer, self.count, self.bytes = None, 0, 0
+
+
+def write_shards(
+    records: Iterable[Record | Skip],
+    out_dir: str | Path,
+    *,
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+    num_shards: int | None = None,
+    max_shard_bytes: int = 1 << 30,
+    total: int | None = None,
+    desc: str = "write",
+    check_images: bool = True,
+) -> WriteSummary:
+    """Writes records to ``out_dir/{prefix}-000000.tar``, ``...-000001.tar``, ...
+
+    Args:
+        samples_per_shard: samples per shard (the last may hold fewer).
+        num_shards: spread the samples over this many shards instead (needs ``total``).
+        max_shard_bytes: start a new shard before one grows past this size.
+        total: number of records, for the progress bar and ``num_shards``.
+        check_images: decode each image first and skip those training could not use.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if num_shards is not None:
+        if not total:
+            raise ValueError("num_shards needs the total number of records")
+        samples_per_shard = math.ceil(total / num_shards)
+    shards = _Shards(out_dir, prefix, samples_per_shard, max_shard_bytes)
+    summary = WriteSummary()
+    try:
+        for record in tqdm(records, total=total, desc=desc, unit="sample"):
+            if isinstance(record, Skip):
+                summary.skip(record.reason, record.name)
+                continue
+            try:
+                data, ext = _image_bytes(record)
+                if check_images:
+                    decode_image(data)
+            except BadSample as bad:
+                summary.skip(bad.reason, record.name)
+                continue
+            text = json.dumps(record.text, ensure_ascii=False).encode()
+            sample = {"__key__": f"{summary.written:09d}", ext: data, "json": text}
+            shards.write(sample, len(data) + len(text))
+            summary.written += 1
+    finally:
+        shards.close()
+    summary.shards = shards.done
+    return summary
+
+
+def _image_bytes(record: Record) -> tuple[bytes, str]:
+    if isinstance(record.image, bytes):
+        return record.image, record.ext or "png"
+    path = record.image
+    if not path.is_file():
+        raise BadSample("missing_image")
+    ext = path.suffix.lower().lstrip(".")
+    return path.read_bytes(), (ext if ext in IMAGE_EXTENSIONS else "img")
+
+
+def _caption_text(row: dict[str, Any]) -> dict[str, Any] | None:
+    captions = row.get("captions") or ([row["caption"]] if row.get("caption") else [])
+    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        return None
+    return {"caption": captions[0]} if len(captions) == 1 else {"captions": captions}
+
+
+def _rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a JSONL, CSV or JSON-list file."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f)
+    elif path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+    else:
+        yield from json.loads(path.read_text(encoding="utf-8"))
+
+
+def from_image_folder(images: str | Path, captions: str | Path) -> Iterator[Record | Skip]:
+    """Records from an image folder and a JSONL / CSV / JSON list of ``{"image", "caption"}``
+    rows (``"captions"``: a list also works); image paths are relative to ``images``."""
+    images = Path(images)
+    for i, row in enumerate(_rows(Path(captions))):
+        name = str(row.get("image") or f"row {i}")
+        text = _caption_text(row)
+        if not row.get("image"):
+            yield Skip("missing_image", name)
+        elif text is None:
+            yield Skip("missing_text", name)
+        else:
+            yield Record(images / row["image"], text, name)
+
+
+def from_coco_captions(annotations: str | Path, images: str | Path) -> Iterator[Record | Skip]:
+    """Records from a COCO captions file (``images`` + ``annotations``): one per image, all its captions."""
+    data = json.loads(Path(annotations).read_text(encoding="utf-8"))
+    captions: dict[int, list[str]] = defaultdict(list)
+    for ann in data.get("annotations", []):
+        captions[ann["image_id"]].append(ann["caption"])
+    for image in data.get("images", []):
+        text = _caption_text({"captions": captions.get(image["id"], [])})
+        if text is None:
+            yield Skip("missing_text", image["file_name"])
+        else:
+            text["image_id"] = image["id"]
+            yield Record(Path(images) / image["file_name"], text, image["file_name"])
+
+
+def from_vqa(questions: str | Path, images: str | Path) -> Iterator[Record | Skip]:
+    """Records from a VQA file: a JSON list or JSONL of ``{"image", "question", "answers"}``
+    (``"answer"``: a single string also works)."""
+    for i, row in enumerate(_rows(Path(questions))):
+        name = str(row.get("image") or f"row {i}")
+        answers = row.get("answers") or ([row["answer"]] if row.get("answer") else [])
+        answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
+        question = (row.get("question") or "").strip()
+        if not row.get("image"):
+            yield Skip("missing_image", name)
+        elif not question or not answers:
+            yield Skip("missing_text", name)
+        else:
+            yield Record(Path(images) / row["image"], {"question": question, "answers": answers}, name)
+
+
+def encode_png(image) -> bytes:
+    """PNG bytes of a PIL image (for records generated in memory)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,121 @@
+"""The text side of a sample: prompt templates, tokens, image placeholders and masked labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlm.config import ConfigError
+from vlm.model import IGNORE_INDEX
+
+IMAGE_TOKEN = "<image>"
+
+#: Prompts per task; ``{images}`` becomes one ``<image>`` per image, ``{question}`` the question.
+TEMPLATES = {
+    "caption": "{images}Describe the image briefly.",
+    "vqa": "{images}{question} Answer with a single word or phrase.",
+}
+
+
+class Processor:
+    """Turns (task, question, answer) into ``input_ids`` and ``labels`` for a model.
+
+    Args:
+        tokenizer: a transformers tokenizer holding the ``<image>`` special token.
+        tokens_per_image: placeholders per image (``model.tokens_per_image``).
+        max_length: longer samples are cut at the end of the answer and counted in ``truncated``.
+        templates: prompt templates per task (default: :data:`TEMPLATES`).
+        chat: wrap the prompt in the tokenizer's chat template; ``None`` = when it has one.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        tokens_per_image: int,
+        max_length: int = 512,
+        templates: dict[str, str] | None = None,
+        chat: bool | None = None,
+        image_token: str = IMAGE_TOKEN,
+    ):
+        self.tokenizer = tokenizer
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ConfigError(
+                f"the tokenizer has no {image_token!r} token; add it with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}}) "
+                "and set the model's image_token_id to its id"
+            )
+        self.tokens_per_image = tokens_per_image
+        self.max_length = max_length
+        self.templates = {**TEMPLATES, **(templates or {})}
+        self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        self.truncated = 0
+
+    def prompt(self, task: str, *, question: str | None = None, num_images: int = 1) -> str:
+        if task not in self.templates:
+            raise ValueError(f"unknown task {task!r}; templates exist for {sorted(self.templates)}")
+        text = self.templates[task].format(images=(self.image_token + "\n") * num_images, question=question)
+        if self.chat:
+            messages = [{"role": "user", "content": text}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text
+
+    def _ids(self, text: str, *, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def prompt_ids(self, task: str, *, question: str | None = None, num_images: int = 1) -> list[int]:
+        """Token ids of the prompt with each ``<image>`` expanded to ``tokens_per_image`` placeholders."""
+        ids = self._ids(self.prompt(task, question=question, num_images=num_images), special=not self.chat)
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and not self.chat and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        out: list[int] = []
+        for token in ids:
+            out += [token] * self.tokens_per_image if token == self.image_token_id else [token]
+        return out
+
+    def encode(
+        self, task: str, *, question: str | None = None, answer: str | None = None, num_images: int = 1
+    ) -> dict[str, list[int]] | None:
+        """``input_ids`` and ``labels`` (prompt masked with -100); ``None`` when even the prompt
+        does not fit in ``max_length`` (counted in ``truncated``)."""
+        prompt = self.prompt_ids(task, question=question, num_images=num_images)
+        answer_ids = []
+        if answer is not None:
+            answer_ids = self._ids(answer, special=False)
+            if self.tokenizer.eos_token_id is not None:
+                answer_ids.append(self.tokenizer.eos_token_id)
+        ids = prompt + answer_ids
+        if len(ids) > self.max_length:
+            self.truncated += 1
+            if len(prompt) >= self.max_length:
+                return None
+            ids = ids[: self.max_length]
+        labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
+        return {"input_ids": ids, "labels": labels}
+
+    def pad(self, encoded: list[dict[str, list[int]]], *, side: str = "right") -> dict[str, torch.Tensor]:
+        """Pads to the longest: ``side="right"`` for training, ``"left"`` for generation."""
+        if side not in ("left", "right"):
+            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+        length = max(len(e["input_ids"]) for e in encoded)
+        batch = {
+            "input_ids": torch.full((len(encoded), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros(len(encoded), length, dtype=torch.long),
+        }
+        if all("labels" in e for e in encoded):
+            batch["labels"] = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            cols = slice(length - n, length) if side == "left" else slice(0, n)
+            batch["input_ids"][row, cols] = torch.tensor(e["input_ids"])
+            batch["attention_mask"][row, cols] = 1
+            if "labels" in batch:
+                batch["labels"][row, cols] = torch.tensor(e["labels"])
+        return batch
