@@ -63,7 +63,7 @@ def _sixteen_bit(image: Image.Image) -> Image.Image:
     array = np.asarray(image, dtype=np.float64)
     top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
     grey = np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+    return Image.fromarray(grey).convert("RGB")
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:

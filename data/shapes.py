@@ -25,11 +25,14 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
 
 from data.writers import Record, encode_png, write_shards
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only tokenizer() needs it
+    from transformers import PreTrainedTokenizerFast
 
 #: Bump when the images or texts change, so ``write_shapes`` rebuilds existing shard sets.
 VERSION = 1
@@ -38,9 +41,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
     "blue": (30, 70, 220),
-    "yellow": (235, 200, 0),
+    "yellow": (235, 205, 0),
     "purple": (140, 40, 180),
-    "orange": (250, 120, 0),
+    "orange": (250, 110, 10),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLUMNS: tuple[str, ...] = ("left", "center", "right")
@@ -76,11 +79,6 @@ class ShapeSample:
         return {"captions": self.captions, "qa": self.qa, "objects": self.objects}
 
 
-# ---------------------------------------------------------------------------------------------
-# Text
-# ---------------------------------------------------------------------------------------------
-
-
 def _name(obj: dict[str, Any]) -> str:
     return f"{obj['color']} {obj['shape']}"
 
@@ -100,6 +98,8 @@ def _join(phrases: list[str]) -> str:
 
 def captions_for(objects: list[dict[str, Any]]) -> list[str]:
     """Three captions for objects sorted left to right; the first is the canonical template.
+
+    Objects are named "a <color> <shape>" ("an orange ..."); three are joined "x, y and z".
 
     Args:
         objects: dicts with ``color``, ``shape`` and ``column``, sorted left to right.
@@ -182,7 +182,7 @@ def _vocabulary() -> tuple[str, ...]:
     return tuple(sorted(vocab))
 
 
-def tokenizer():
+def tokenizer() -> PreTrainedTokenizerFast:
     """A word-level ``transformers`` tokenizer over ``vocabulary()`` plus the special tokens.
 
     Ids 0-4 are ``<pad> <bos> <eos> <unk> <image>``. Encoding adds no special tokens (the
@@ -214,11 +214,6 @@ def tokenizer():
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
-
-
 def _allowed_combos(split: str) -> list[tuple[str, str]]:
     combos = [(c, s) for c in COLORS for s in SHAPES]
     return [pair for pair in combos if pair not in HELD_OUT] if split == "train" else combos
@@ -229,7 +224,7 @@ def _box(rng: random.Random, column: int, image_size: int) -> list[int]:
     touch; size and position jitter a little around the column centre."""
     left, right = round(column * image_size / 3), round((column + 1) * image_size / 3)
     width = right - left
-    size = max(3, round(width * rng.uniform(0.5, 0.7)))
+    size = max(3, round(width * rng.uniform(0.55, 0.8)))
     slack_x = width - size - 2
     x0 = left + 1 + round(slack_x / 2 * (1 + 0.6 * rng.uniform(-1, 1)))
     slack_y = image_size - size - 2
@@ -283,11 +278,6 @@ def generate(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> 
     return ShapeSample(render(objects, image_size), objects, captions_for(objects), qa_for(objects))
 
 
-# ---------------------------------------------------------------------------------------------
-# Shards
-# ---------------------------------------------------------------------------------------------
-
-
 def _records(split: str, count: int, seed: int, image_size: int):
     for index in range(count):
         sample = generate(split, index, seed=seed, image_size=image_size)
@@ -314,8 +304,10 @@ def _existing(manifest_path: Path, arguments: dict[str, Any]) -> dict[str, Any] 
         return None
     if any(manifest.get(key) != value for key, value in arguments.items()):
         return None
-    shards = [manifest_path.parent / s for split in SPLITS for s in manifest.get("shards", {}).get(split, [])]
-    return manifest if all(s.is_file() for s in shards) else None
+    out_dir = manifest_path.parent
+    files = [out_dir / s for split in SPLITS for s in manifest.get("shards", {}).get(split, [])]
+    files.append(out_dir / manifest.get("tokenizer", "tokenizer") / "tokenizer.json")
+    return manifest if all(f.is_file() for f in files) else None
 
 
 def write_shapes(
@@ -351,6 +343,8 @@ def write_shapes(
     existing = _existing(manifest_path, arguments)
     if existing is not None:
         return existing
+    # Shards are about to change: no manifest may vouch for them until all are rewritten.
+    manifest_path.unlink(missing_ok=True)
 
     counts, shards = {}, {}
     for split, count in sizes.items():
@@ -397,18 +391,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--samples-per-shard", type=int, default=2000)
-    args = parser.parse_args(argv)
+    options = vars(parser.parse_args(argv))  # the other dests are write_shapes' keywords
+    out_dir = options.pop("out_dir")
     start = time.perf_counter()
-    manifest = write_shapes(
-        args.out_dir,
-        seed=args.seed,
-        train=args.train,
-        val=args.val,
-        test=args.test,
-        image_size=args.image_size,
-        samples_per_shard=args.samples_per_shard,
-    )
-    print(f"{manifest['counts']} in {time.perf_counter() - start:.1f}s -> {args.out_dir}")
+    manifest = write_shapes(out_dir, **options)
+    print(f"{manifest['counts']} in {time.perf_counter() - start:.1f}s -> {out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Text side and batches: prompts masked, placeholders expanded, truncation counted, padding sides."""
+
+import dataclasses
+import io
+import json
+
+import pytest
+import tiny
+import torch
+import webdataset as wds
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from data.loader import make_loader, task_examples
+from data.transforms import image_transform
+from vlm import ConfigError, build_model
+from vlm.processor import Processor
+
+WORDS = (
+    "Describe the image briefly . Answer with a single word or phrase what color is it ? red blue a square"
+).split(" ")
+
+
+def word_tokenizer(image_token=True, chat_template=None):
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"] + (["<image>"] if image_token else [])
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    if image_token:
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
+def test_prompt_is_masked_and_images_expanded():
+    tok = word_tokenizer()
+    proc = Processor(tok, tokens_per_image=3)
+    out = proc.encode("vqa", question="what color is it ?", answer="red")
+    ids, labels = out["input_ids"], out["labels"]
+    image = tok.convert_tokens_to_ids("<image>")
+    assert ids[0] == tok.bos_token_id and ids[1:4] == [image] * 3 and image not in ids[4:]
+    answer = [tok.convert_tokens_to_ids("red"), tok.eos_token_id]
+    assert ids[-2:] == answer
+    assert labels == [-100] * (len(ids) - 2) + answer
+    assert tok.decode(ids[4:-2]) == "what color is it ? Answer with a single word or phrase ."
+
+
+def test_truncation_is_counted_and_never_cuts_the_prompt():
+    proc = Processor(word_tokenizer(), tokens_per_image=4, max_length=12)
+    prompt_len = len(proc.prompt_ids("caption"))
+    long = proc.encode("caption", answer=" ".join(["red"] * 20))
+    assert len(long["input_ids"]) == 12 and long["labels"][:prompt_len] == [-100] * prompt_len
+    assert proc.truncated == 1
+    proc.max_length = prompt_len - 1
+    assert proc.encode("caption", answer="red") is None and proc.truncated == 2
+
+
+def test_padding_sides():
+    proc = Processor(word_tokenizer(), tokens_per_image=1)
+    short, long = proc.encode("caption", answer="red"), proc.encode("caption", answer="a red square")
+    right = proc.pad([short, long], side="right")
+    left = proc.pad([short, long], side="left")
+    n = len(short["input_ids"])
+    assert right["attention_mask"][0].tolist() == [1] * n + [0, 0]
+    assert left["attention_mask"][0].tolist() == [0, 0] + [1] * n
+    assert left["input_ids"][0, 2:].tolist() == short["input_ids"]
+    assert (right["labels"][0, n:] == -100).all()
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one():
+    template = (
+        "{% for m in messages %}<bos> {{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %} answer{% endif %}"
+    )
+    proc = Processor(word_tokenizer(chat_template=template), tokens_per_image=1)
+    assert proc.chat and proc.prompt("caption").endswith(" answer")
+    assert Processor(word_tokenizer(chat_template=template), tokens_per_image=1, chat=False).chat is False
+
+
+def test_tokenizer_without_image_token_names_the_fix():
+    with pytest.raises(ConfigError, match="add_special_tokens"):
+        Processor(word_tokenizer(image_token=False), tokens_per_image=1)
+
+
+def test_task_examples():
+    text = {"captions": ["a red square", "red"], "qa": [{"question": "what color is it ?", "answer": "red"}]}
+    examples = list(task_examples(text))
+    assert [e["task"] for e in examples] == ["caption", "vqa"]
+    assert examples[0]["answer"] == "a red square" and examples[0]["references"] == text["captions"]
+    vqa = list(task_examples({"question": "q", "answers": ["blue", "red", "blue"]}, ["vqa"]))
+    assert vqa[0]["answer"] == "blue" and len(vqa[0]["answers"]) == 3
+    with pytest.raises(ValueError, match="unknown task"):
+        list(task_examples(text, ["translate"]))
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+def test_image_transform(mode):
+    mean, std = (0.5, 0.25, 0.75), (0.2, 0.2, 0.2)
+    out = image_transform(16, mean, std, mode=mode)(Image.new("RGB", (40, 20), (255, 255, 255)))
+    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+    white = torch.tensor([(1 - m) / s for m, s in zip(mean, std)])
+    assert torch.allclose(out[:, 8, 8], white, atol=1e-4)
+    if mode == "pad":  # the padding is the mean colour, which normalises to about 0
+        assert out[:, 0, 8].abs().max() < 0.02
+    else:
+        assert torch.allclose(out[:, 0, 8], white, atol=1e-4)
+
+
+@pytest.mark.parametrize("bridge", ["mlp2x_gelu", "perceiver"])
+def test_batches_from_shards_train_a_model(tmp_path, bridge):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
+    with wds.TarWriter(str(tmp_path / "s.tar")) as tar:
+        for i in range(5):
+            text = {"caption": "a red square", "qa": [{"question": "what color is it ?", "answer": "red"}]}
+            tar.write({"__key__": f"{i:03d}", "png": buffer.getvalue(), "json": json.dumps(text).encode()})
+    tok = word_tokenizer()
+    config = tiny.model_config("vit", bridge, "gpt2")
+    config = dataclasses.replace(config, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = build_model(config)
+    proc = Processor(tok, tokens_per_image=model.tokens_per_image)
+    transform = image_transform(tiny.IMAGE_SIZE, model.encoder.mean, model.encoder.std, mode="pad")
+    loader = make_loader(str(tmp_path / "s.tar"), proc, transform, batch_size=4, shuffle_buffer=0)
+    batches = list(loader)
+    assert [len(b["task"]) for b in batches] == [4, 4, 2]  # 5 samples x (caption + question)
+    batch = batches[0]
+    assert batch["pixel_values"].shape == (4, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    assert batch["task"] == ["caption", "vqa", "caption", "vqa"]
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "labels")}
+    loss = model(**inputs).loss
+    assert torch.isfinite(loss)
