@@ -18,7 +18,7 @@ from vlm import ConfigError, build_model
 from vlm.processor import Processor
 
 WORDS = (
-    "Describe the image briefly . Answer with a single word or phrase what color is it ? red blue a square"
+    "Describe the image briefly . Answer with a single word or phrase what color is it ? red blue square"
 ).split(" ")
 
 
