@@ -92,6 +92,13 @@ class _Shards:
         self.done.append(str(self.path))
         self.writer, self.count, self.bytes = None, 0, 0
 
+    def abort(self) -> None:
+        """Drops the shard being written: an interrupted shard never gets a final name."""
+        if self.writer is not None:
+            self.writer.close()
+            os.remove(str(self.path) + ".tmp")
+            self.writer = None
+
 
 def write_shards(
     records: Iterable[Record | Skip],
@@ -138,8 +145,10 @@ def write_shards(
             sample = {"__key__": f"{summary.written:09d}", ext: data, "json": text}
             shards.write(sample, len(data) + len(text))
             summary.written += 1
-    finally:
-        shards.close()
+    except BaseException:
+        shards.abort()
+        raise
+    shards.close()
     summary.shards = shards.done
     return summary
 

@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 
+import pytest
 from PIL import Image
 
 from data.pipeline import ImageTextShards
@@ -113,3 +114,22 @@ def test_vqa_records(tmp_path):
     assert sample["text"] == {"question": "what color?", "answers": ["red", "red", "dark red"]}
     image = Image.open(io.BytesIO((tmp_path / "images" / "img0.png").read_bytes()))
     assert sample["image"].tobytes() == image.convert("RGB").tobytes()
+
+
+def test_an_interrupted_write_leaves_no_partial_shard(tmp_path):
+    names = make_images(tmp_path / "images", 5)
+
+    def records():
+        for name in names[:3]:
+            yield from from_image_folder(tmp_path / "images", _jsonl(tmp_path, [name]))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(records(), tmp_path / "out", samples_per_shard=2)
+    assert [p.name for p in sorted((tmp_path / "out").iterdir())] == ["shard-000000.tar"]  # complete one kept
+
+
+def _jsonl(tmp_path, names):
+    path = tmp_path / f"{names[0]}.jsonl"
+    path.write_text("\n".join(json.dumps({"image": n, "caption": "c"}) for n in names))
+    return path
