@@ -203,4 +203,6 @@ class ImageTextShards(IterableDataset):
                 stats.converted[converted] += 1
             stats.ok += 1
             yield sample
-        log.info("pass over %s (rank %d, worker %d): %s", "shards", rank, worker, stats.summary())
+        # Said at the end of every pass; loudly when something was skipped.
+        level = logging.WARNING if stats.skipped else logging.INFO
+        log.log(level, "end of pass (rank %d, worker %d): %s", rank, worker, stats.summary())
