@@ -52,23 +52,41 @@ class ExampleStream(IterableDataset):
         processor: a ``vlm.processor.Processor``.
         transform: PIL image -> tensor (see ``data.transforms.encoder_transform``).
         tasks: which examples to draw from each sample.
+        rank, world_size: deal examples round robin to ranks (with every rank reading all
+            shards): any world size then sees the same global batches as one process.
     """
 
     def __init__(
-        self, samples: ImageTextShards, processor, transform: Callable, tasks: Sequence[str] = TASKS
+        self,
+        samples: ImageTextShards,
+        processor,
+        transform: Callable,
+        tasks: Sequence[str] = TASKS,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         super().__init__()
         self.samples, self.processor, self.transform, self.tasks = samples, processor, transform, tuple(tasks)
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.samples.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         truncated_before = self.processor.truncated
+        index = 0
         for sample in self.samples:
+            examples = []
+            for example in task_examples(sample["text"], self.tasks):
+                if index % self.world_size == self.rank:
+                    examples.append(example)
+                index += 1
+            if not examples:
+                continue
             images = sample["images"] if "images" in sample else [sample["image"]]
             pixels = torch.stack([self.transform(image) for image in images])
-            for example in task_examples(sample["text"], self.tasks):
+            for example in examples:
                 encoded = self.processor.encode(
                     example["task"],
                     question=example.get("question"),
@@ -104,14 +122,25 @@ def make_loader(
     tasks: Sequence[str] = TASKS,
     num_workers: int = 0,
     padding_side: str = "right",
+    example_split: tuple[int, int] = (0, 1),
     **shard_options: Any,
 ) -> DataLoader:
-    """A DataLoader of model batches from shards; ``shard_options`` go to :class:`ImageTextShards`."""
-    stream = ExampleStream(ImageTextShards(shards, **shard_options), processor, transform, tasks)
+    """A DataLoader of model batches from shards.
+
+    Args:
+        example_split: ``(rank, world_size)`` for round-robin example dealing (see
+            :class:`ExampleStream`); shard dealing is set through ``shard_options``.
+        shard_options: passed to :class:`ImageTextShards`.
+    """
+    rank, world_size = example_split
+    samples = ImageTextShards(shards, **shard_options)
+    stream = ExampleStream(samples, processor, transform, tasks, rank=rank, world_size=world_size)
     return DataLoader(
         stream,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=partial(collate, processor=processor, side=padding_side),
-        persistent_workers=False,
+        # Its own generator: starting an epoch must not draw from the global RNG (dropout's),
+        # or a resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(shard_options.get("seed", 0)),
     )

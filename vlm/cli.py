@@ -47,6 +47,31 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from train.recipe import load_recipe
+    from train.trainer import TrainingError, train
+
+    overrides = list(args.set)
+    if args.max_steps is not None:
+        overrides.append(f"run.max_steps={args.max_steps}")
+    if args.out is not None:
+        overrides.append(f"run.out={json.dumps(args.out)}")
+    if args.cache_features:
+        overrides.append("run.cache_features=true")
+    recipe = load_recipe(args.recipe, overrides)
+    try:
+        summary = train(recipe, resume=args.resume)
+    except TrainingError as err:
+        print(f"vlm train: {err}", file=sys.stderr)
+        return 1
+    if "model" in summary:
+        print(
+            f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s, final loss "
+            f"{summary['final_loss']:.4f}; model in {summary['model']}, logs in {summary['run_dir']}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Vision-language models: train, caption, ask.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    train = commands.add_parser("train", help="train a model from a recipe (train/recipes/*.toml)")
+    train.add_argument("recipe", help="recipe TOML file")
+    train.add_argument("--max-steps", type=int, default=None, help="override run.max_steps")
+    train.add_argument("--out", default=None, help="override run.out, the run directory")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the run directory's last checkpoint"
+    )
+    train.add_argument(
+        "--cache-features", action="store_true", help="train from cached frozen-encoder features"
+    )
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key (repeatable)"
+    )
+    train.set_defaults(func=_train)
 
     data = commands.add_parser("data", help="check, write and generate webdataset shards")
     data_commands = data.add_subparsers(dest="data_command", required=True)

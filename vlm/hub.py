@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file, load_model, save_file, save_model
 
@@ -24,18 +25,31 @@ WEIGHTS_FILE = "model.safetensors"
 BRIDGE_FILE = "bridge.safetensors"
 
 
-def save_pretrained(model: VisionLanguageModel, path: str | Path, *, bridge_only: bool = False) -> None:
-    """Writes ``config.json`` and the weights (all of them, or the bridge's only) to ``path``."""
+def save_pretrained(
+    model: VisionLanguageModel, path: str | Path, *, bridge_only: bool = False, tokenizer: Any = None
+) -> None:
+    """Writes ``config.json`` and the weights (all of them, or the bridge's only) to ``path``,
+    plus the tokenizer's files when one is given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if bridge_only:
-        _check_rebuildable_base(model.config)
+        problems = bridge_only_problems(model.config)
+        if problems:
+            raise ConfigError(
+                "a bridge-only checkpoint needs a frozen base rebuilt from files, but "
+                + "; ".join(problems)
+                + ". Save the full model instead: model.save_pretrained(DIR)"
+            )
         config = model.config
         save_file({k: v.contiguous() for k, v in model.bridge.state_dict().items()}, path / BRIDGE_FILE)
+        (path / WEIGHTS_FILE).unlink(missing_ok=True)
     else:
         config = _self_contained(model)
         save_model(model, str(path / WEIGHTS_FILE))  # handles tied weights (e.g. GPT-2's lm_head)
+        (path / BRIDGE_FILE).unlink(missing_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 def from_pretrained(path: str | Path) -> VisionLanguageModel:
@@ -47,19 +61,41 @@ def from_pretrained(path: str | Path) -> VisionLanguageModel:
             "write one with model.save_pretrained(DIR)"
         )
     config = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    if (path / WEIGHTS_FILE).is_file():
-        model = build_model(config)
-        _load(lambda: load_model(model, str(path / WEIGHTS_FILE), strict=True), path / WEIGHTS_FILE)
-    elif (path / BRIDGE_FILE).is_file():
-        model = build_model(config)
-        weights = load_file(path / BRIDGE_FILE)
-        _load(lambda: model.bridge.load_state_dict(weights), path / BRIDGE_FILE)
-    else:
-        raise ConfigError(
-            f"no weights in {str(path)!r}: expected {WEIGHTS_FILE} or {BRIDGE_FILE}; "
-            "write them with model.save_pretrained(DIR)"
-        )
+    _weights_file(path)  # fail before building anything when there are no weights
+    model = build_model(config)
+    load_weights(model, path)
     return model
+
+
+def _weights_file(path: Path) -> Path:
+    for name in (WEIGHTS_FILE, BRIDGE_FILE):
+        if (path / name).is_file():
+            return path / name
+    raise ConfigError(
+        f"no weights in {str(path)!r}: expected {WEIGHTS_FILE} or {BRIDGE_FILE}; "
+        "write them with model.save_pretrained(DIR)"
+    )
+
+
+def load_weights(model: VisionLanguageModel, path: str | Path) -> None:
+    """Loads a saved directory's weights (full or bridge-only) into a built model."""
+    file = _weights_file(Path(path))
+    if file.name == WEIGHTS_FILE:
+        _load(lambda: load_model(model, str(file), strict=True), file)
+    else:
+        weights = load_file(file)
+        _load(lambda: model.bridge.load_state_dict(weights), file)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved beside a model (or any local tokenizer directory)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(path) / "tokenizer_config.json").is_file():
+        raise ConfigError(
+            f"no tokenizer in {str(path)!r} (no tokenizer_config.json); save one beside the model"
+        )
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _load(load, file: Path) -> None:
@@ -86,8 +122,8 @@ def _self_contained(model: VisionLanguageModel) -> ModelConfig:
     )
 
 
-def _check_rebuildable_base(config: ModelConfig) -> None:
-    """A bridge-only checkpoint is only as good as the base it loads onto."""
+def bridge_only_problems(config: ModelConfig) -> list[str]:
+    """Why a bridge-only checkpoint of this model could not be loaded back faithfully."""
     problems = []
     if not config.encoder.freeze:
         problems.append("the encoder is trainable (its weights would be lost)")
@@ -97,9 +133,4 @@ def _check_rebuildable_base(config: ModelConfig) -> None:
         problems.append("the decoder is trainable or has LoRA adapters (they would be lost)")
     if config.decoder.pretrained is None:
         problems.append("decoder.pretrained is not set (a random decoder cannot be rebuilt)")
-    if problems:
-        raise ConfigError(
-            "a bridge-only checkpoint needs a frozen base rebuilt from files, but "
-            + "; ".join(problems)
-            + ". Save the full model instead: model.save_pretrained(DIR)"
-        )
+    return problems

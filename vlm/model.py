@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -41,9 +42,7 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.encoder, self.bridge, self.decoder = encoder, bridge, decoder
-        self.image_token_id = (
-            config.image_token_id if config.image_token_id is not None else decoder.image_token_id
-        )
+        self.image_token_id = decoder.image_token_id
         self.tokens_per_image = bridge.tokens_per_image(encoder.num_tokens)
         if bridge.cross_attention:
             bridge.attach(decoder.layers())
@@ -58,6 +57,9 @@ class VisionLanguageModel(nn.Module):
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        *,
+        image_features: Tensor | None = None,
+        loss_reduction: str = "mean",
     ) -> VLMOutput:
         """Logits, and the loss when ``labels`` are given.
 
@@ -68,25 +70,51 @@ class VisionLanguageModel(nn.Module):
             attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding.
             labels: ``(B, T)`` targets, ``-100`` where no loss is taken (prompt, padding);
                 image placeholders and padding are never counted.
+            image_features: the encoder's output for the images, instead of ``pixel_values``
+                (training from a frozen-feature cache).
+            loss_reduction: ``"mean"`` over counted tokens, or ``"sum"`` (the trainer divides
+                by the token count of the whole global batch).
         """
         is_image = input_ids == self.image_token_id
         embeds = self.decoder.embed(input_ids)
-        visual = self.encode_images(pixel_values) if pixel_values is not None else None
+        if image_features is None and pixel_values is not None:
+            image_features = self.encoder(pixel_values)
+        visual = self.bridge(image_features) if image_features is not None else None
         self._check_image_count(is_image, visual)
-        if visual is None or not self.bridge.cross_attention:
+        if self.bridge.cross_attention:
+            self.bridge.set_media(visual, is_image)
+            out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
+            if not self._recompute_needs_media():
+                self.bridge.set_media(None)
+        else:
             if visual is not None:
                 embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
             out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
-        else:
-            with self.bridge.media(visual, is_image):
-                out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
         loss = None
         if labels is not None:
             labels = labels.masked_fill(is_image, IGNORE_INDEX)
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-            loss = answer_loss(out.logits, labels)
+            loss = answer_loss(out.logits, labels, reduction=loss_reduction)
         return VLMOutput(logits=out.logits, loss=loss)
+
+    def _recompute_needs_media(self) -> bool:
+        """Gradient checkpointing re-runs LM layers (and their cross-attention hooks) during
+        backward, so the media must stay attached until then; the next forward replaces it."""
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and bool(getattr(self.decoder.lm, "is_gradient_checkpointing", False))
+        )
+
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        """Frozen parts stay in eval mode: no dropout, no BatchNorm statistics drifting."""
+        super().train(mode)
+        if mode:
+            for part, config in ((self.encoder, self.config.encoder), (self.decoder, self.config.decoder)):
+                if config.freeze and getattr(config, "lora", None) is None:
+                    part.eval()
+        return self
 
     def _check_image_count(self, is_image: Tensor, visual: Tensor | None) -> None:
         placeholders = int(is_image.sum())
@@ -112,10 +140,13 @@ class VisionLanguageModel(nn.Module):
         return from_pretrained(path)
 
 
-def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy averaged over the positions whose label is not ``-100``."""
+def answer_loss(logits: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy over the positions whose label is not ``-100``."""
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
 
 
@@ -134,7 +165,7 @@ def build_model(config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
     encoder = ENCODERS.build(config.encoder)
     if config.encoder.freeze:
         encoder.requires_grad_(False)
-    decoder = DECODERS.build(config.decoder, add_image_token=config.image_token_id is None)
+    decoder = DECODERS.build(config.decoder, image_token_id=config.image_token_id)
     bridge = BRIDGES.build(
         config.bridge,
         vision_dim=encoder.feature_dim,

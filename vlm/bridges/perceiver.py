@@ -8,8 +8,6 @@ text token attends only to the latents of the most recent image at or before it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +109,17 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp = _mlp(dim, config.xattn_mlp_ratio, "gelu")
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, h: Tensor, media: Tensor, media_index: Tensor) -> Tensor:
-        """h (B, T, D); media (B, n_img, M, Dm); media_index (B, T): 1-based latest image, 0 = none."""
+    def forward(self, h: Tensor, media: Tensor | None, media_index: Tensor | None) -> Tensor:
+        """h (B, T, D); media (B, n_img, M, Dm); media_index (B, T): 1-based latest image, 0 = none.
+
+        Without media (a text-only batch) only the gated MLP runs, exactly as it does for
+        the text tokens of a batch with images, so a row never depends on its neighbours.
+        """
+        if media is not None:
+            h = h + torch.tanh(self.attn_gate) * self._attend(h, media, media_index)
+        return h + torch.tanh(self.mlp_gate) * self.mlp(h)
+
+    def _attend(self, h: Tensor, media: Tensor, media_index: Tensor) -> Tensor:
         B, n_img, M, _ = media.shape
         mask = None
         if n_img > 1:  # only the latest image is visible; one image needs no mask at all
@@ -120,9 +127,7 @@ class GatedCrossAttentionBlock(nn.Module):
             latest = (media_index - 1).clamp(min=0)  # rows with no image yet see image 0, zeroed below
             mask = (key_image[None, None, :] == latest[:, :, None]).unsqueeze(1)  # (B, 1, T, n_img*M)
         x = self.attn(self.attn_norm(h), media.flatten(1, 2), mask=mask)
-        x = torch.where((media_index > 0).unsqueeze(-1), x, torch.zeros_like(x))
-        h = h + torch.tanh(self.attn_gate) * x
-        return h + torch.tanh(self.mlp_gate) * self.mlp(h)
+        return torch.where((media_index > 0).unsqueeze(-1), x, torch.zeros_like(x))
 
 
 @register_bridge("perceiver", PerceiverConfig)
@@ -160,29 +165,26 @@ class PerceiverBridge(Bridge):
 
     def _make_hook(self, block: GatedCrossAttentionBlock):
         def before_layer(module, args, kwargs):
-            if self._media is None:  # text only: the LM runs untouched
-                return None
+            media = self._media if self._media is not None else (None, None)
             if args:
-                return (block(args[0], *self._media), *args[1:]), kwargs
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], *self._media)
+                return (block(args[0], *media), *args[1:]), kwargs
+            kwargs["hidden_states"] = block(kwargs["hidden_states"], *media)
             return args, kwargs
 
         return before_layer
 
-    @contextmanager
-    def media(self, latents: Tensor, image_positions: Tensor) -> Iterator[None]:
-        """Makes the LM attend to ``latents`` while inside the block.
+    def set_media(self, latents: Tensor | None, image_positions: Tensor | None = None) -> None:
+        """What the LM attends to from now on (``None``: no images).
 
         Args:
             latents: ``(N_img, M, D)``, the images of the batch in reading order.
             image_positions: ``(B, T)`` bool, True at each ``<image>`` token.
         """
-        counts = image_positions.sum(1)
-        B, n_max = image_positions.shape[0], int(counts.max()) if counts.numel() else 0
-        media = latents.new_zeros(B, max(n_max, 1), *latents.shape[1:])
-        media[torch.arange(max(n_max, 1), device=counts.device)[None] < counts[:, None]] = latents
-        self._media = (media, image_positions.long().cumsum(1))
-        try:
-            yield
-        finally:
+        if latents is None:
             self._media = None
+            return
+        counts = image_positions.sum(1)
+        n_max = max(int(counts.max()), 1)
+        media = latents.new_zeros(image_positions.shape[0], n_max, *latents.shape[1:])
+        media[torch.arange(n_max, device=counts.device)[None] < counts[:, None]] = latents
+        self._media = (media, image_positions.long().cumsum(1))

@@ -89,33 +89,36 @@ def find_layers(lm: nn.Module) -> nn.ModuleList:
 
 @register_decoder("hf", HFDecoderConfig)
 class HFDecoder(nn.Module):
-    """Wraps the LM; adds the ``<image>`` token when asked, then applies freeze / LoRA.
+    """Wraps the LM; makes room for the ``<image>`` token, then applies freeze / LoRA.
 
     Args:
-        add_image_token: append one row to the embeddings for the ``<image>`` placeholder
-            (its id is then ``image_token_id``).
+        image_token_id: the placeholder's id; ``None`` appends a new row to the embeddings
+            and uses it. An id past the end of the embeddings (a token just added to the
+            tokenizer) grows them to fit.
     """
 
-    def __init__(self, config: HFDecoderConfig, *, add_image_token: bool = False):
+    def __init__(self, config: HFDecoderConfig, *, image_token_id: int | None = None):
         super().__init__()
         self.config = config
         self.lm = _load_lm(config)
         text_config = self.lm.config.get_text_config()
         self.hidden_size = text_config.hidden_size
         self.num_layers = text_config.num_hidden_layers
-        self.image_token_id = self._add_token() if add_image_token else None
+        rows = self.lm.get_input_embeddings().num_embeddings
+        self.image_token_id = rows if image_token_id is None else image_token_id
+        if self.image_token_id >= rows:
+            self._grow_vocab(self.image_token_id + 1)
         self._set_trainable()
 
-    def _add_token(self) -> int:
-        """One more vocabulary row, set to the mean embedding: deterministic, so a rebuilt
-        base matches the one a bridge was trained on."""
-        new_id = self.lm.get_input_embeddings().num_embeddings
-        self.lm.resize_token_embeddings(new_id + 1, mean_resizing=False)
+    def _grow_vocab(self, size: int) -> None:
+        """New rows set to the mean embedding: deterministic, so a rebuilt base matches the
+        one a bridge was trained on."""
+        old = self.lm.get_input_embeddings().num_embeddings
+        self.lm.resize_token_embeddings(size, mean_resizing=False)
         with torch.no_grad():
             for emb in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings()):
                 if emb is not None:
-                    emb.weight[new_id] = emb.weight[:new_id].mean(0)
-        return new_id
+                    emb.weight[old:] = emb.weight[:old].mean(0)
 
     def _set_trainable(self) -> None:
         if self.config.lora is not None:

@@ -1,0 +1,200 @@
+"""Training: exact resume, crash-safe checkpoints, non-finite losses, recipe errors."""
+
+import json
+
+import pytest
+import torch
+
+import train.checkpoint as checkpoint_module
+from train.checkpoint import checkpoints, load_checkpoint
+from train.logs import read_log
+from train.recipe import load_recipe, recipe_from_dict
+from train.trainer import TrainingError, build_training_model, load_tokenizer, train
+from vlm import ConfigError
+from vlm.model import VisionLanguageModel
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    from data.shapes import write_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, train=48, val=8, test=8, image_size=32, samples_per_shard=16)
+    return root
+
+
+def tiny_recipe(shapes_dir, out, **run):
+    tree = {
+        "model": {
+            "encoder": {
+                "name": "vit",
+                "image_size": 32,
+                "patch_size": 8,
+                "width": 32,
+                "depth": 2,
+                "num_heads": 2,
+                "feature_layer": -1,
+                "freeze": False,
+            },
+            "bridge": {"name": "mlp2x_gelu"},
+            "decoder": {
+                "name": "hf",
+                "freeze": False,
+                "hf_config": {
+                    "model_type": "gpt2",
+                    "n_layer": 2,
+                    "n_embd": 32,
+                    "n_head": 2,
+                    "n_positions": 128,
+                    "resid_pdrop": 0.1,
+                    "embd_pdrop": 0.1,
+                    "attn_pdrop": 0.0,
+                },
+            },  # dropout: RNG state matters
+        },
+        "data": {
+            "train": str(shapes_dir / "train"),
+            "tokenizer": str(shapes_dir / "tokenizer"),
+            "shuffle_buffer": 16,
+            "templates": {"caption": "{images}", "vqa": "{images}{question}"},
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 3},
+        "run": {"out": str(out), "max_steps": 20, "batch_size": 8, "save_every": 5, "keep_last": 3, **run},
+    }
+    return tree
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_log(run_dir / "log.jsonl")]
+
+
+def test_resume_continues_exactly(shapes_dir, tmp_path, monkeypatch):
+    """20 steps straight equal 10 steps, a crash, and a resumed 10 (per-step losses to 1e-6)."""
+    straight = tmp_path / "straight"
+    train(recipe_from_dict(tiny_recipe(shapes_dir, straight, grad_accum=2)), progress=False)
+
+    interrupted = tmp_path / "interrupted"
+    real_save = checkpoint_module.save_checkpoint
+
+    def crash_after_step_10(run_dir, step, **kwargs):
+        path = real_save(run_dir, step, **kwargs)
+        if step == 10:
+            raise KeyboardInterrupt("simulated kill")
+        return path
+
+    monkeypatch.setattr("train.trainer.save_checkpoint", crash_after_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe_from_dict(tiny_recipe(shapes_dir, interrupted, grad_accum=2)), progress=False)
+    assert len(losses(interrupted)) == 10
+    monkeypatch.setattr("train.trainer.save_checkpoint", real_save)
+    summary = train(
+        recipe_from_dict(tiny_recipe(shapes_dir, interrupted, grad_accum=2)), resume=True, progress=False
+    )
+
+    assert summary["steps"] == 20
+    expected, got = losses(straight), losses(interrupted)
+    assert len(expected) == len(got) == 20
+    assert max(abs(a - b) for a, b in zip(expected, got)) < 1e-6
+    assert expected[-1] < expected[0]  # and it learns
+
+
+def test_a_kill_during_a_checkpoint_write_keeps_the_last_good_one(shapes_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dies_on_second_save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a file")  # the process dies mid-write
+            raise KeyboardInterrupt("killed during save")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe_from_dict(tiny_recipe(shapes_dir, out)), progress=False)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+
+    complete = checkpoints(out)
+    assert [p.name for p in complete] == ["ckpt-00000005"]
+    tokenizer = load_tokenizer(str(shapes_dir / "tokenizer"))
+    model = build_training_model(recipe_from_dict(tiny_recipe(shapes_dir, out)), tokenizer)
+    assert load_checkpoint(complete[0], model=model)["step"] == 5
+    summary = train(recipe_from_dict(tiny_recipe(shapes_dir, out)), resume=True, progress=False)
+    assert summary["steps"] == 20 and [p.name for p in checkpoints(out)][-1] == "ckpt-00000020"
+
+
+def nan_on_calls(monkeypatch, calls):
+    real_forward = VisionLanguageModel.forward
+    count = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        count["n"] += 1
+        if calls is None or count["n"] in calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(VisionLanguageModel, "forward", forward)
+
+
+def test_a_nan_loss_is_skipped_and_counted(shapes_dir, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, {3})
+    out = tmp_path / "run"
+    summary = train(recipe_from_dict(tiny_recipe(shapes_dir, out, max_steps=6)), progress=False)
+    log = read_log(out / "log.jsonl")
+    assert summary["skipped_steps"] == 1 and [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[1]["skipped_steps"] == 0 and log[2]["skipped_steps"] == 1
+    assert all(r["loss"] == r["loss"] for r in log)  # no NaN reached the log or the weights
+
+
+def test_nan_losses_in_a_row_stop_with_a_checkpoint(shapes_dir, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, None)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="non-finite losses in a row"):
+        train(recipe_from_dict(tiny_recipe(shapes_dir, out, max_bad_steps=3)), progress=False)
+    assert [p.name for p in checkpoints(out)] == ["ckpt-00000000"]
+
+
+def test_bad_recipe_keys_fail_fast_with_the_key(shapes_dir, tmp_path):
+    base = tiny_recipe(shapes_dir, tmp_path)
+    base["run"]["max_stepz"] = 3
+    with pytest.raises(ConfigError, match="max_stepz"):
+        recipe_from_dict(base)
+    with pytest.raises(ConfigError, match="widht"):
+        recipe_from_dict(tiny_recipe(shapes_dir, tmp_path), ["model.encoder.widht=3"])
+    with pytest.raises(ConfigError, match="'optimizer'"):
+        recipe_from_dict(tiny_recipe(shapes_dir, tmp_path), ["optimizer.lr=1"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        train(recipe_from_dict(tiny_recipe(shapes_dir, tmp_path, batch_size=7, grad_accum=2)), progress=False)
+
+
+def test_overrides_are_parsed_as_toml(shapes_dir, tmp_path):
+    recipe = recipe_from_dict(
+        tiny_recipe(shapes_dir, tmp_path),
+        ["optim.lr=5e-4", 'data.tasks=["vqa"]', "run.compile=true", "run.out=elsewhere"],
+    )
+    assert recipe.optim.lr == 5e-4 and recipe.data.tasks == ["vqa"] and recipe.run.compile is True
+    assert recipe.run.out == "elsewhere"
+
+
+def test_run_outputs(shapes_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train(recipe_from_dict(tiny_recipe(shapes_dir, out, max_steps=4)), progress=False)
+    log = read_log(out / "log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(
+        {"loss", "lr", "samples_per_s"} <= set(r) for r in log
+    )
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "tensorboard").iterdir())
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    from vlm import from_pretrained
+
+    model = from_pretrained(summary["model"])  # a full export with its tokenizer
+    assert (out / "model" / "tokenizer_config.json").is_file() and model.tokens_per_image == 16
+
+
+def test_shapes_recipe_loads():
+    recipe = load_recipe("train/recipes/shapes.toml")
+    assert recipe.data.shapes and recipe.model_config().bridge.name == "mlp2x_gelu"

@@ -1,0 +1,166 @@
+"""Training recipes: TOML files with four tables, ``model``, ``data``, ``optim`` and ``run``.
+
+Any key can be overridden from the command line with ``--set table.key=value`` (values are
+parsed as TOML, so ``--set optim.lr=3e-4`` is a float and ``--set data.tasks=["vqa"]`` a list).
+Unknown keys fail fast, naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm.config import ConfigError, ModelConfig, parse_dataclass
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from.
+
+    Args:
+        train, val: shard specs (files, directories, globs, brace patterns, URLs).
+        tokenizer: a local tokenizer directory (it must hold, or will be given, ``<image>``).
+        shapes: generate the shapes dataset in this directory when its shards are missing.
+        tasks: examples drawn from each sample: ``caption`` and/or ``vqa``.
+        split: ``"shard"`` deals shards to ranks (scales, each sample once per epoch);
+            ``"example"`` deals examples round robin, so any number of ranks sees the same
+            global batches as one process.
+    """
+
+    train: str = ""
+    val: str = ""
+    tokenizer: str = ""
+    shapes: str = ""
+    tasks: list[str] = field(default_factory=lambda: ["caption", "vqa"])
+    resize: str = "pad"
+    max_length: int = 128
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    split: str = "shard"
+    templates: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (no weight decay on norms, biases and gates) with warmup and cosine decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    """How long, how, and where.
+
+    Args:
+        batch_size: global batch per optimizer step (split over ranks and accumulation).
+        grad_accum: micro-batches per optimizer step on each rank.
+        precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16`` or ``fp32``.
+        max_bad_steps: stop after this many non-finite losses in a row.
+        init_from: a saved model (full or bridge-only) to start from, e.g. a stage-1 run.
+    """
+
+    out: str = "runs/train"
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    cache_features: bool = False
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 5
+    init_from: str = ""
+    device: str = "auto"
+
+
+@dataclass
+class Recipe:
+    model: dict[str, Any]
+    data: DataConfig
+    optim: OptimConfig
+    run: RunConfig
+    path: str = ""
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "model": self.model,
+            "data": asdict(self.data),
+            "optim": asdict(self.optim),
+            "run": asdict(self.run),
+        }
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML (numbers, booleans, lists, tables); else a plain string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Applies one ``a.b.c=value`` to a nested dict; the tables on the way must exist."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None and parts[0] == "model":  # model tables may be sparse (e.g. hf_config)
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])!r} is not a table of the recipe")
+        node = child
+    node[parts[-1]] = parse_value(text.strip())
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Reads a recipe TOML and applies ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no recipe at {str(path)!r}; recipes live in train/recipes/")
+    tree = tomllib.loads(path.read_text())
+    return recipe_from_dict(tree, overrides, source=str(path))
+
+
+def recipe_from_dict(tree: dict[str, Any], overrides: list[str] = (), source: str = "") -> Recipe:
+    tree = copy.deepcopy(tree)
+    for table in ("model", "data", "optim", "run"):
+        tree.setdefault(table, {})
+    unknown = sorted(set(tree) - {"model", "data", "optim", "run"})
+    if unknown:
+        raise ConfigError(
+            f"recipe: unknown table(s) {', '.join(map(repr, unknown))}; tables are model, data, optim, run"
+        )
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    recipe = Recipe(
+        model=tree["model"],
+        data=parse_dataclass(DataConfig, tree["data"], where="data"),
+        optim=parse_dataclass(OptimConfig, tree["optim"], where="optim"),
+        run=parse_dataclass(RunConfig, tree["run"], where="run"),
+        path=source,
+    )
+    recipe.model_config()  # validate model keys now, not after data is ready
+    if recipe.data.split not in ("shard", "example"):
+        raise ConfigError("data.split must be 'shard' or 'example'")
+    if recipe.run.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError("run.precision must be 'auto', 'bf16' or 'fp32'")
+    return recipe

@@ -1,0 +1,310 @@
+"""The training loop: a recipe in, a trained model, checkpoints and logs out.
+
+One process on CPU or GPU, or many under ``torchrun`` (DDP; FSDP2 when the LM trains). The
+loss of an optimizer step is the answer-token cross-entropy averaged over every token of the
+global batch (all micro-batches, all ranks), so gradient accumulation and the number of
+processes change nothing but speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.loader import make_loader
+from data.transforms import encoder_transform
+from train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from train.distributed import Dist, all_reduce_sum, cleanup, init_distributed, wrap_model
+from train.logs import RunLog, plot_loss
+from train.optim import make_optimizer, make_scheduler
+from train.recipe import Recipe
+from vlm.config import ConfigError, ModelConfig
+from vlm.hub import bridge_only_problems, load_weights, save_pretrained
+from vlm.model import IGNORE_INDEX, VisionLanguageModel, build_model
+from vlm.processor import IMAGE_TOKEN, Processor
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "labels", "image_features")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what was saved."""
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not path or not Path(path).is_dir():
+        raise ConfigError(f"data.tokenizer={path!r} is not a local tokenizer directory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bind_tokenizer(config: ModelConfig, tokenizer) -> ModelConfig:
+    """The model config for this tokenizer: its ``<image>`` id, and for an LM built from a
+    config, the vocabulary size and special ids the recipe left unset."""
+    decoder = config.decoder
+    if decoder.pretrained is None and decoder.hf_config is not None:
+        hf = dict(decoder.hf_config)
+        hf.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos", "eos", "pad"):
+            token_id = getattr(tokenizer, f"{name}_token_id")
+            if token_id is not None:
+                hf.setdefault(f"{name}_token_id", token_id)
+        decoder = dataclasses.replace(decoder, hf_config=hf)
+    return dataclasses.replace(
+        config, decoder=decoder, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    )
+
+
+class EpochStream:
+    """Batches forever, epoch after epoch, with the position needed for an exact resume."""
+
+    def __init__(self, loader, *, epoch: int = 0, position: int = 0):
+        self.loader, self.epoch, self.position = loader, epoch, 0
+        self._it = None
+        for _ in range(position):  # fast-forward to where the checkpoint stopped
+            self.next()
+
+    def next(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self._it is None:
+                self.loader.dataset.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+                self.position = 0
+            try:
+                batch = next(self._it)
+                self.position += 1
+                return batch
+            except StopIteration:
+                self._it, self.epoch = None, self.epoch + 1
+        raise TrainingError("the training data yielded no batch in a whole epoch; run `vlm data check` on it")
+
+
+def _autocast(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(recipe: Recipe, env: Dist) -> None:
+    """Makes the shapes shards on first use (main process; the others wait)."""
+    if not recipe.data.shapes:
+        return
+    if env.is_main:
+        from data.shapes import write_shapes
+
+        write_shapes(recipe.data.shapes, seed=recipe.run.seed)
+    if env.enabled:
+        torch.distributed.barrier()
+
+
+def build_training_model(recipe: Recipe, tokenizer) -> VisionLanguageModel:
+    seed_everything(recipe.run.seed)  # frozen random parts are rebuilt identically on resume
+    model = build_model(bind_tokenizer(recipe.model_config(), tokenizer))
+    if recipe.run.init_from:
+        load_weights(model, recipe.run.init_from)
+    if recipe.run.gradient_checkpointing:
+        model.decoder.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def make_train_loader(
+    recipe: Recipe, model: VisionLanguageModel, processor: Processor, env: Dist, micro_batch: int
+):
+    data = recipe.data
+    if not data.train:
+        raise ConfigError("data.train names no shards; set it in the recipe or with --set data.train=...")
+    by_example = data.split == "example"
+    shard_rank = dict(rank=0, world_size=1) if by_example else dict(rank=env.rank, world_size=env.world_size)
+    return make_loader(
+        data.train,
+        processor,
+        encoder_transform(model.encoder, mode=data.resize),
+        batch_size=micro_batch,
+        tasks=data.tasks,
+        num_workers=data.num_workers,
+        example_split=(env.rank, env.world_size) if by_example else (0, 1),
+        shuffle_buffer=data.shuffle_buffer,
+        seed=recipe.run.seed,
+        **shard_rank,
+    )
+
+
+def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Runs a recipe; returns a summary (final loss, steps, seconds, where the model is)."""
+    env = init_distributed(recipe.run.device)
+    try:
+        return _train(recipe, env, resume=resume, progress=progress)
+    finally:
+        cleanup(env)
+
+
+def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[str, Any]:
+    run, out = recipe.run, Path(recipe.run.out)
+    per_step = env.world_size * run.grad_accum
+    if run.batch_size % per_step:
+        raise ConfigError(
+            f"run.batch_size={run.batch_size} must be a multiple of world size x grad_accum = {per_step}"
+        )
+    micro_batch = run.batch_size // per_step
+    prepare_data(recipe, env)
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    model = build_training_model(recipe, tokenizer).to(env.device)
+    processor = Processor(
+        tokenizer,
+        tokens_per_image=model.tokens_per_image,
+        max_length=recipe.data.max_length,
+        templates=recipe.data.templates or None,
+    )
+    optimizer = make_optimizer(model, recipe.optim)
+    scheduler = make_scheduler(optimizer, recipe.optim, run.max_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    state = {"step": 0, "epoch": 0, "position": 0, "skipped_steps": 0}
+    found = checkpoints(out) if resume else []
+    if found:
+        state.update(load_checkpoint(found[-1], model=model, optimizer=optimizer, scheduler=scheduler))
+        if env.is_main:
+            print(f"resuming from {found[-1]} (step {state['step']})")
+    elif env.is_main and out.exists() and checkpoints(out) and not resume:
+        log.warning("%s holds checkpoints of an earlier run; they will be overwritten (use --resume)", out)
+
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    run_log = RunLog(out, enabled=env.is_main, resume_step=state["step"] if found else None)
+    loader = make_train_loader(recipe, model, processor, env, micro_batch)
+    stream = EpochStream(loader, epoch=state["epoch"], position=state["position"])
+    shard_lm = not recipe.model_config().decoder.freeze and recipe.model_config().decoder.lora is None
+    wrapped = wrap_model(model, env, shard=shard_lm and env.device.type == "cuda")
+    if run.compile:
+        wrapped = torch.compile(wrapped)
+    model.train()
+
+    def checkpoint() -> Path | None:
+        if not env.is_main:
+            return None
+        position = {
+            "epoch": stream.epoch,
+            "position": stream.position,
+            "skipped_steps": state["skipped_steps"],
+        }
+        return save_checkpoint(
+            out,
+            state["step"],
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=position,
+            keep=run.keep_last,
+        )
+
+    bar = tqdm(
+        total=run.max_steps, initial=state["step"], desc="train", disable=not (progress and env.is_main)
+    )
+    bad_in_row, start, last_loss = 0, time.perf_counter(), float("nan")
+    while state["step"] < run.max_steps:
+        step_start = time.perf_counter()
+        batches = [stream.next() for _ in range(run.grad_accum)]
+        tokens = all_reduce_sum(
+            torch.tensor(
+                sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), dtype=torch.float64
+            ),
+            env,
+        ).item()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            inputs = {k: batch[k].to(env.device) for k in MODEL_INPUTS if k in batch}
+            sync = (
+                nullcontext()
+                if i == len(batches) - 1 or not hasattr(wrapped, "no_sync")
+                else wrapped.no_sync()
+            )
+            with sync, _autocast(run.precision, env.device):
+                summed = wrapped(**inputs, loss_reduction="sum").loss
+            # DDP averages gradients over ranks, hence the world size factor.
+            (summed * (env.world_size / max(tokens, 1))).backward()
+            loss_sum += summed.detach().double().cpu()
+        loss = all_reduce_sum(loss_sum, env).item() / max(tokens, 1)
+
+        if not np.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            state["skipped_steps"] += 1
+            bad_in_row += 1
+            log.warning("non-finite loss (%s) at step %d: step skipped", loss, state["step"] + 1)
+            if bad_in_row >= run.max_bad_steps:
+                saved = checkpoint()
+                raise TrainingError(
+                    f"{bad_in_row} non-finite losses in a row at step {state['step'] + 1}; stopped. "
+                    f"The last good state is saved in {saved}. Lower optim.lr, check the data with "
+                    "`vlm data check`, or resume with --resume."
+                )
+            continue
+        bad_in_row = 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.grad_clip or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        last_loss = loss
+
+        seconds = time.perf_counter() - step_start
+        record = {
+            "step": state["step"],
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": int(tokens),
+            "samples_per_s": run.batch_size / seconds,
+            "epoch": stream.epoch,
+            "skipped_steps": state["skipped_steps"],
+        }
+        run_log.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{record['samples_per_s']:.0f}")
+        if state["step"] % run.save_every == 0 or state["step"] == run.max_steps:
+            checkpoint()
+    bar.close()
+    run_log.close()
+
+    summary = {
+        "steps": state["step"],
+        "final_loss": last_loss,
+        "skipped_steps": state["skipped_steps"],
+        "train_seconds": time.perf_counter() - start,
+        "run_dir": str(out),
+    }
+    if env.is_main:
+        summary["model"] = str(export(model, tokenizer, out / "model"))
+        plot_loss(out / "log.jsonl", out / "loss.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def export(model: VisionLanguageModel, tokenizer, path: Path) -> Path:
+    """The trained model for captioning and evaluation: bridge-only when the base can be
+    rebuilt from its own files, otherwise full; the tokenizer goes with it."""
+    save_pretrained(model, path, bridge_only=not bridge_only_problems(model.config), tokenizer=tokenizer)
+    return path
