@@ -84,18 +84,22 @@ class ExampleStream(IterableDataset):
                 index += 1
             if not examples:
                 continue
-            images = sample["images"] if "images" in sample else [sample["image"]]
-            pixels = torch.stack([self.transform(image) for image in images])
+            if "features" in sample:  # from a frozen-feature cache: the encoder already ran
+                visual = {"image_features": sample["features"]}
+            else:
+                images = sample["images"] if "images" in sample else [sample["image"]]
+                visual = {"pixel_values": torch.stack([self.transform(image) for image in images])}
+            num_images = len(next(iter(visual.values())))
             for example in examples:
                 encoded = self.processor.encode(
                     example["task"],
                     question=example.get("question"),
                     answer=example["answer"],
-                    num_images=len(images),
+                    num_images=num_images,
                 )
                 if encoded is None:
                     continue
-                yield {**example, **encoded, "pixel_values": pixels, "key": sample["key"]}
+                yield {**example, **encoded, **visual, "key": sample["key"]}
         truncated = self.processor.truncated - truncated_before
         if truncated:
             log.warning(
@@ -105,9 +109,11 @@ class ExampleStream(IterableDataset):
 
 def collate(examples: list[dict[str, Any]], processor, *, side: str = "right") -> dict[str, Any]:
     """A batch: padded ``input_ids`` / ``attention_mask`` / ``labels``, every image of the batch
-    in reading order as ``pixel_values`` ``(N_img, 3, H, W)``, and the examples' metadata."""
+    in reading order as ``pixel_values`` ``(N_img, 3, H, W)`` (or their cached
+    ``image_features``), and the examples' metadata."""
     batch = processor.pad(examples, side=side)
-    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in examples])
+    visual = "image_features" if "image_features" in examples[0] else "pixel_values"
+    batch[visual] = torch.cat([e[visual] for e in examples])
     for field in ("task", "key", "question", "answers", "references"):
         batch[field] = [e.get(field) for e in examples]
     return batch

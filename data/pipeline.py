@@ -13,6 +13,7 @@ ranks and DataLoader workers: shards are dealt out, rank first, then worker.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
@@ -70,10 +72,13 @@ def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple
     """A tar sample to ``{"key", "url", "image" (PIL RGB), "text" (dict)}`` (plus ``"images"`` when
     it holds several) and the mode it was converted from.
 
+    A frozen-feature cache sample (``KEY.npy``: the encoder's features, ``(N_img, N, D)``)
+    gives ``"features"`` (a tensor) instead of images.
+
     Raises ``BadSample`` (``missing_image``, ``missing_text``, ``bad_text`` or a decode reason).
     """
     exts = _image_keys(raw)
-    if not exts:
+    if not exts and "npy" not in raw:
         raise BadSample("missing_image")
     if "json" in raw:
         try:
@@ -86,6 +91,14 @@ def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple
         text = {"caption": raw["txt"].decode("utf-8", errors="replace").strip()}
     else:
         raise BadSample("missing_text")
+    if not exts:
+        features = torch.from_numpy(np.load(io.BytesIO(raw["npy"]), allow_pickle=False))
+        return {
+            "key": raw["__key__"],
+            "url": raw.get("__url__", ""),
+            "features": features,
+            "text": text,
+        }, None
     decoded = [decode_image(raw[ext], max_pixels=max_pixels) for ext in exts]
     sample = {"key": raw["__key__"], "url": raw.get("__url__", ""), "image": decoded[0][0], "text": text}
     if len(exts) > 1:  # several images: KEY.0.jpg, KEY.1.jpg, ... in that order

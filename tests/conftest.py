@@ -1,7 +1,6 @@
 import pytest
-import torch
-
 import tiny
+import torch
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """vlm: vision-language models from an image encoder, a bridge and a Hugging Face causal LM."""
 
-from vlm.attention import MultiHeadAttention, attention
+from vlm.attention import MultiHeadAttention
 from vlm.bridges import PerceiverConfig, ProjectorConfig, QFormerConfig
 from vlm.config import ConfigError, ModelConfig
 from vlm.decoders import HFDecoderConfig, LoraSettings
@@ -23,7 +23,6 @@ __all__ = [
     "QFormerConfig",
     "ViTConfig",
     "VisionLanguageModel",
-    "attention",
     "build_model",
     "from_pretrained",
     "register_bridge",

@@ -46,6 +46,7 @@ class VisionLanguageModel(nn.Module):
         self.tokens_per_image = bridge.tokens_per_image(encoder.num_tokens)
         if bridge.cross_attention:
             bridge.attach(decoder.layers())
+        self.train()  # puts the frozen parts in eval mode from the start
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """``(N_img, 3, H, W)`` to the bridge's output for those images."""

@@ -115,9 +115,11 @@ class GatedCrossAttentionBlock(nn.Module):
         Without media (a text-only batch) only the gated MLP runs, exactly as it does for
         the text tokens of a batch with images, so a row never depends on its neighbours.
         """
+        dtype = h.dtype  # the block computes in its own precision (the LM may be bf16)
+        h = h.to(self.mlp_gate.dtype)
         if media is not None:
-            h = h + torch.tanh(self.attn_gate) * self._attend(h, media, media_index)
-        return h + torch.tanh(self.mlp_gate) * self.mlp(h)
+            h = h + torch.tanh(self.attn_gate) * self._attend(h, media.to(h.dtype), media_index)
+        return (h + torch.tanh(self.mlp_gate) * self.mlp(h)).to(dtype)
 
     def _attend(self, h: Tensor, media: Tensor, media_index: Tensor) -> Tensor:
         B, n_img, M, _ = media.shape

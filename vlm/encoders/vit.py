@@ -63,6 +63,9 @@ class Block(nn.Module):
 class ViTEncoder(ImageEncoder):
     def __init__(self, config: ViTConfig):
         super().__init__()
+        sizes = {k: getattr(config, k) for k in ("image_size", "patch_size", "width", "depth", "num_heads")}
+        if min(sizes.values()) < 1:
+            raise ConfigError(f"encoder sizes must be positive, got {sizes}")
         if config.image_size % config.patch_size:
             raise ConfigError(
                 f"encoder.image_size={config.image_size} is not a multiple of "
