@@ -198,3 +198,26 @@ def test_run_outputs(shapes_dir, tmp_path):
 def test_shapes_recipe_loads():
     recipe = load_recipe("train/recipes/shapes.toml")
     assert recipe.data.shapes and recipe.model_config().bridge.name == "mlp2x_gelu"
+
+
+def test_training_from_the_feature_cache_matches_training_from_pixels(shapes_dir, tmp_path):
+    """A frozen encoder's features, computed once, give the same losses as the pixels do."""
+
+    def frozen(out, cache):
+        tree = tiny_recipe(shapes_dir, out, max_steps=8, cache_features=cache)
+        tree["model"]["encoder"]["freeze"] = True
+        return recipe_from_dict(tree)
+
+    train(frozen(tmp_path / "pixels", False), progress=False)
+    train(frozen(tmp_path / "cached", True), progress=False)
+    cache = tmp_path / "cached" / "feature-cache"
+    assert sorted(p.name for p in cache.glob("*.tar")) == sorted(
+        p.name for p in (shapes_dir / "train").glob("*.tar")
+    )
+    expected, got = losses(tmp_path / "pixels"), losses(tmp_path / "cached")
+    assert len(got) == 8 and max(abs(a - b) for a, b in zip(expected, got)) < 1e-5
+
+
+def test_the_feature_cache_needs_a_frozen_encoder(shapes_dir, tmp_path):
+    with pytest.raises(ConfigError, match="frozen encoder"):
+        train(recipe_from_dict(tiny_recipe(shapes_dir, tmp_path, cache_features=True)), progress=False)

@@ -25,6 +25,7 @@ from data.loader import make_loader
 from data.transforms import encoder_transform
 from train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from train.distributed import Dist, all_reduce_sum, cleanup, init_distributed, wrap_model
+from train.feature_cache import build_feature_cache
 from train.logs import RunLog, plot_loss
 from train.optim import make_optimizer, make_scheduler
 from train.recipe import Recipe
@@ -130,15 +131,13 @@ def build_training_model(recipe: Recipe, tokenizer) -> VisionLanguageModel:
 
 
 def make_train_loader(
-    recipe: Recipe, model: VisionLanguageModel, processor: Processor, env: Dist, micro_batch: int
+    recipe: Recipe, model: VisionLanguageModel, processor: Processor, env: Dist, micro_batch: int, shards: str
 ):
     data = recipe.data
-    if not data.train:
-        raise ConfigError("data.train names no shards; set it in the recipe or with --set data.train=...")
     by_example = data.split == "example"
     shard_rank = dict(rank=0, world_size=1) if by_example else dict(rank=env.rank, world_size=env.world_size)
     return make_loader(
-        data.train,
+        shards,
         processor,
         encoder_transform(model.encoder, mode=data.resize),
         batch_size=micro_batch,
@@ -194,7 +193,18 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     run_log = RunLog(out, enabled=env.is_main, resume_step=state["step"] if found else None)
-    loader = make_train_loader(recipe, model, processor, env, micro_batch)
+    shards = recipe.data.train
+    if not shards:
+        raise ConfigError("data.train names no shards; set it in the recipe or with --set data.train=...")
+    if run.cache_features:
+        if env.is_main:
+            build_feature_cache(
+                model, shards, out / "feature-cache", resize=recipe.data.resize, device=env.device
+            )
+        if env.enabled:
+            torch.distributed.barrier()
+        shards = str(out / "feature-cache")
+    loader = make_train_loader(recipe, model, processor, env, micro_batch, shards)
     stream = EpochStream(loader, epoch=state["epoch"], position=state["position"])
     shard_lm = not recipe.model_config().decoder.freeze and recipe.model_config().decoder.lora is None
     wrapped = wrap_model(model, env, shard=shard_lm and env.device.type == "cuda")
