@@ -154,3 +154,24 @@ def test_cross_attention_placement(placement, expected):
     for i in expected:
         assert order.index(f"block{i}") == order.index(f"layer{i}") - 1
     assert [o for o in order if o.startswith("layer")] == layers
+
+
+def test_gradient_checkpointing_keeps_cross_attention_gradients():
+    """Checkpointed LM layers re-run their gated blocks in backward with the same images."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny.model_config("vit", "perceiver", "llama"))
+        for block in model.bridge.blocks.values():
+            torch.nn.init.constant_(block.attn_gate, 0.5)
+            torch.nn.init.constant_(block.mlp_gate, 0.5)
+        if checkpointing:
+            model.decoder.lm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.train()
+        model(**tiny.make_batch(model, images_per_row=(1, 2))).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.bridge.named_parameters()})
+    plain, checkpointed = grads
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+    assert any(plain[n].abs().sum() > 0 for n in plain if ".attn." in n)

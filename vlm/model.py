@@ -46,7 +46,7 @@ class VisionLanguageModel(nn.Module):
         self.tokens_per_image = bridge.tokens_per_image(encoder.num_tokens)
         if bridge.cross_attention:
             bridge.attach(decoder.layers())
-        self.train()  # puts the frozen parts in eval mode from the start
+        self.train()  # puts a frozen encoder in eval mode from the start
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """``(N_img, 3, H, W)`` to the bridge's output for those images."""
@@ -109,12 +109,12 @@ class VisionLanguageModel(nn.Module):
         )
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
-        """Frozen parts stay in eval mode: no dropout, no BatchNorm statistics drifting."""
+        """A frozen encoder stays in eval mode: no dropout, no BatchNorm statistics drifting, and
+        the same features as a frozen-feature cache. (A frozen LM follows ``mode``, so that its
+        gradient checkpointing still works.)"""
         super().train(mode)
-        if mode:
-            for part, config in ((self.encoder, self.config.encoder), (self.decoder, self.config.decoder)):
-                if config.freeze and getattr(config, "lora", None) is None:
-                    part.eval()
+        if mode and self.config.encoder.freeze:
+            self.encoder.eval()
         return self
 
     def _check_image_count(self, is_image: Tensor, visual: Tensor | None) -> None:
