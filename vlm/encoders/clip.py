@@ -70,6 +70,11 @@ class CLIPEncoder(ImageEncoder):
         self.block = resolve_layer(config.feature_layer, depth, where="encoder") - 1
         if self.block < 0:
             raise ConfigError("encoder.feature_layer must select a block output for CLIP towers, not 0")
+        if self.is_vit:  # weights past the selected block never run: never train them
+            self.tower.transformer.resblocks[self.block + 1 :].requires_grad_(False)
+            self.tower.ln_post.requires_grad_(config.final_norm)
+            if self.tower.proj is not None:
+                self.tower.proj.requires_grad_(False)
 
         pre = self.tower.preprocess_cfg
         self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])

@@ -89,6 +89,10 @@ class ViTEncoder(ImageEncoder):
         self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         # Blocks after the selected feature layer never run.
         self.blocks_to_run = resolve_layer(config.feature_layer, config.depth, where="encoder")
+        # Weights that never run are kept (checkpoints load whole) but never trained, so DDP
+        # does not wait for their gradients.
+        self.blocks[self.blocks_to_run :].requires_grad_(False)
+        self.norm.requires_grad_(config.final_norm)
 
         self.feature_dim = config.width
         self.num_tokens = self.grid**2 + int(config.keep_class_token)
