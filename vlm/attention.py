@@ -81,28 +81,31 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:  # (B, L, H*Dh) -> (B, H, L, Dh)
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``(B, H, S, Dh)`` of a cross-attention context, to compute once and reuse."""
+        k, v = self.kv(context).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
     def forward(
         self,
         x: Tensor,
         context: Tensor | None = None,
         *,
+        kv: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        """x: (B, L, dim); context: (B, S, kv_dim) for cross-attention; returns (B, L, dim)."""
+        """x: (B, L, dim); context: (B, S, kv_dim) for cross-attention, or its ``kv`` already
+        projected (:meth:`project_kv`); returns (B, L, dim)."""
         if self.is_cross:
-            if context is None:
-                raise ValueError("cross-attention needs a context tensor")
-            q = self.q(x)
-            k, v = self.kv(context).chunk(2, dim=-1)
+            if kv is None:
+                if context is None:
+                    raise ValueError("cross-attention needs a context tensor")
+                kv = self.project_kv(context)
+            q, (k, v) = self._heads(self.q(x)), kv
         else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
         y = attention(
-            self._heads(q),
-            self._heads(k),
-            self._heads(v),
-            mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).flatten(2))

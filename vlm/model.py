@@ -76,6 +76,27 @@ class VisionLanguageModel(nn.Module):
             loss_reduction: ``"mean"`` over counted tokens, or ``"sum"`` (the trainer divides
                 by the token count of the whole global batch).
         """
+        embeds, is_image = self.prepare_inputs(input_ids, pixel_values, image_features)
+        out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
+        if self.bridge.cross_attention and not self._recompute_needs_media():
+            self.bridge.set_media(None)
+        loss = None
+        if labels is not None:
+            labels = labels.masked_fill(is_image, IGNORE_INDEX)
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+            loss = answer_loss(out.logits, labels, reduction=loss_reduction)
+        return VLMOutput(logits=out.logits, loss=loss)
+
+    def prepare_inputs(
+        self, input_ids: Tensor, pixel_values: Tensor | None = None, image_features: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The LM's input embeddings for ``input_ids`` with the images in place.
+
+        Prefix bridges put the visual tokens at the placeholders; cross-attention bridges
+        attach the images to the LM (``bridge.set_media``) until the next call.
+        Returns the embeddings and the placeholder mask.
+        """
         is_image = input_ids == self.image_token_id
         embeds = self.decoder.embed(input_ids)
         if image_features is None and pixel_values is not None:
@@ -84,20 +105,9 @@ class VisionLanguageModel(nn.Module):
         self._check_image_count(is_image, visual)
         if self.bridge.cross_attention:
             self.bridge.set_media(visual, is_image)
-            out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
-            if not self._recompute_needs_media():
-                self.bridge.set_media(None)
-        else:
-            if visual is not None:
-                embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
-            out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
-        loss = None
-        if labels is not None:
-            labels = labels.masked_fill(is_image, IGNORE_INDEX)
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-            loss = answer_loss(out.logits, labels, reduction=loss_reduction)
-        return VLMOutput(logits=out.logits, loss=loss)
+        elif visual is not None:
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+        return embeds, is_image
 
     def _recompute_needs_media(self) -> bool:
         """Gradient checkpointing re-runs LM layers (and their cross-attention hooks) during

@@ -8,7 +8,7 @@ text token attends only to the latents of the most recent image at or before it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -109,8 +109,8 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp = _mlp(dim, config.xattn_mlp_ratio, "gelu")
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, h: Tensor, media: Tensor | None, media_index: Tensor | None) -> Tensor:
-        """h (B, T, D); media (B, n_img, M, Dm); media_index (B, T): 1-based latest image, 0 = none.
+    def forward(self, h: Tensor, media: Media | None) -> Tensor:
+        """h (B, T, D); ``media`` the images the rows attend to (``None``: no images).
 
         Without media (a text-only batch) only the gated MLP runs, exactly as it does for
         the text tokens of a batch with images, so a row never depends on its neighbours.
@@ -118,18 +118,38 @@ class GatedCrossAttentionBlock(nn.Module):
         dtype = h.dtype  # the block computes in its own precision (the LM may be bf16)
         h = h.to(self.mlp_gate.dtype)
         if media is not None:
-            h = h + torch.tanh(self.attn_gate) * self._attend(h, media.to(h.dtype), media_index)
+            h = h + torch.tanh(self.attn_gate) * self._attend(h, media)
         return (h + torch.tanh(self.mlp_gate) * self.mlp(h)).to(dtype)
 
-    def _attend(self, h: Tensor, media: Tensor, media_index: Tensor) -> Tensor:
-        B, n_img, M, _ = media.shape
+    def _attend(self, h: Tensor, media: Media) -> Tensor:
+        B, n_img, M, _ = media.latents.shape
+        index = media.index if media.index.shape[1] == h.shape[1] else media.index[:, -1:]
         mask = None
         if n_img > 1:  # only the latest image is visible; one image needs no mask at all
             key_image = torch.arange(n_img * M, device=h.device) // M  # (n_img*M,)
-            latest = (media_index - 1).clamp(min=0)  # rows with no image yet see image 0, zeroed below
+            latest = (index - 1).clamp(min=0)  # rows with no image yet see image 0, zeroed below
             mask = (key_image[None, None, :] == latest[:, :, None]).unsqueeze(1)  # (B, 1, T, n_img*M)
-        x = self.attn(self.attn_norm(h), media.flatten(1, 2), mask=mask)
-        return torch.where((media_index > 0).unsqueeze(-1), x, torch.zeros_like(x))
+        kv = media.kv.get(id(self))
+        if kv is None:
+            kv = self.attn.project_kv(media.latents.flatten(1, 2).to(h.dtype))
+            if not torch.is_grad_enabled():  # inference: project the latents once per generation
+                media.kv[id(self)] = kv
+        x = self.attn(self.attn_norm(h), kv=kv, mask=mask)
+        return torch.where((index > 0).unsqueeze(-1), x, torch.zeros_like(x))
+
+
+@dataclass
+class Media:
+    """The images a batch attends to.
+
+    ``latents`` ``(B, n_img, M, D)``; ``index`` ``(B, T)``: the 1-based number of the latest image
+    at or before each token (0: none yet). New tokens of a cached generation (fewer than ``T``)
+    take the last column: the latest image. ``kv`` caches each block's projected keys and values.
+    """
+
+    latents: Tensor
+    index: Tensor
+    kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 @register_bridge("perceiver", PerceiverConfig)
@@ -152,7 +172,7 @@ class PerceiverBridge(Bridge):
         self.blocks = nn.ModuleDict(
             {str(i): GatedCrossAttentionBlock(text_dim, vision_dim, config) for i in self.layer_ids}
         )
-        self._media: tuple[Tensor, Tensor] | None = None
+        self._media: Media | None = None
 
     def tokens_per_image(self, num_features: int) -> int:
         return 1  # the <image> token marks where an image sits in the text
@@ -167,10 +187,9 @@ class PerceiverBridge(Bridge):
 
     def _make_hook(self, block: GatedCrossAttentionBlock):
         def before_layer(module, args, kwargs):
-            media = self._media if self._media is not None else (None, None)
             if args:
-                return (block(args[0], *media), *args[1:]), kwargs
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], *media)
+                return (block(args[0], self._media), *args[1:]), kwargs
+            kwargs["hidden_states"] = block(kwargs["hidden_states"], self._media)
             return args, kwargs
 
         return before_layer
@@ -189,4 +208,10 @@ class PerceiverBridge(Bridge):
         n_max = max(int(counts.max()), 1)
         media = latents.new_zeros(image_positions.shape[0], n_max, *latents.shape[1:])
         media[torch.arange(n_max, device=counts.device)[None] < counts[:, None]] = latents
-        self._media = (media, image_positions.long().cumsum(1))
+        self._media = Media(media, image_positions.long().cumsum(1))
+
+    def repeat_media(self, times: int) -> None:
+        """Each row's media repeated ``times`` (beam search expands rows that way)."""
+        if self._media is not None:
+            m = self._media
+            self._media = Media(m.latents.repeat_interleave(times, 0), m.index.repeat_interleave(times, 0))

@@ -1,0 +1,256 @@
+"""Generation for every bridge kind: batched (left padding), greedy, sampling, beam search.
+
+With the KV cache (the default) the prompt and its images are processed once; each new token
+costs one LM step whatever the number of images (a Flamingo model's cross-attention keys and
+values of the latents are projected once, too). ``use_cache=False`` recomputes the whole
+sequence every step: the reference the cached path must match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick the new tokens.
+
+    Args:
+        max_new_tokens: stop after this many new tokens.
+        do_sample: sample (with ``temperature``, ``top_k``, ``top_p``) instead of greedy.
+        num_beams: beam search when > 1 (deterministic; ignores sampling settings).
+        length_penalty: beam scores are ``sum log p / length ** length_penalty``.
+        eos_token_id: one id or several; a row stops at the first.
+        pad_token_id: fills rows that stopped early.
+        use_cache: reuse keys and values (``False`` recomputes everything each step).
+        seed: seed of the sampling generator (``None``: the global RNG).
+    """
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int = 0
+    use_cache: bool = True
+    seed: int | None = None
+
+
+class _Steps:
+    """Runs the LM over a growing sequence, with or without the KV cache."""
+
+    def __init__(
+        self, model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, cache: bool
+    ):
+        self.model, self.cache = model, cache
+        self.input_ids, self.mask = input_ids, attention_mask
+        self.past = None
+        # The uncached path re-reads each row's images every step; beam search reorders rows,
+        # so the images are kept per row.
+        self.features = model.encoder(pixel_values) if pixel_values is not None else None
+        counts = (input_ids == model.image_token_id).sum(1) // model.tokens_per_image
+        starts = counts.cumsum(0) - counts
+        self.row_images = [torch.arange(int(s), int(s + c)) for s, c in zip(starts, counts)]
+
+    def _row_features(self) -> Tensor | None:
+        if self.features is None:
+            return None
+        return self.features[torch.cat(self.row_images).to(self.features.device)]
+
+    def _logits(self, out) -> Tensor:
+        logits = out.logits[:, -1].float()
+        logits[:, self.model.image_token_id] = float("-inf")  # a generated <image> would have no image
+        return logits
+
+    def _positions(self, mask: Tensor) -> Tensor:
+        return (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+
+    def first(self) -> Tensor:
+        if not self.cache:
+            return self._full()
+        embeds, _ = self.model.prepare_inputs(self.input_ids, image_features=self.features)
+        self.past = DynamicCache()
+        out = self.model.decoder(
+            embeds,
+            attention_mask=self.mask,
+            position_ids=self._positions(self.mask),
+            past_key_values=self.past,
+            use_cache=True,
+        )
+        return self._logits(out)
+
+    def _full(self) -> Tensor:
+        embeds, _ = self.model.prepare_inputs(self.input_ids, image_features=self._row_features())
+        out = self.model.decoder(embeds, attention_mask=self.mask, position_ids=self._positions(self.mask))
+        return self._logits(out)
+
+    def next(self, tokens: Tensor) -> Tensor:
+        """Appends ``tokens`` (B,) and returns the logits for the following position."""
+        self.input_ids = torch.cat([self.input_ids, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        if not self.cache:
+            return self._full()
+        out = self.model.decoder(
+            self.model.decoder.embed(tokens[:, None]),
+            attention_mask=self.mask,
+            position_ids=self._positions(self.mask)[:, -1:],
+            past_key_values=self.past,
+            use_cache=True,
+        )
+        return self._logits(out)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keeps rows ``rows`` (beam search), in that order."""
+        self.input_ids, self.mask = self.input_ids[rows], self.mask[rows]
+        self.row_images = [self.row_images[r] for r in rows.tolist()]
+        if self.past is not None:
+            self.past.reorder_cache(rows)
+
+
+def _filter(logits: Tensor, config: GenerationConfig) -> Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on ``(B, V)`` logits."""
+    logits = logits / max(config.temperature, 1e-5)
+    if config.top_k > 0:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= config.top_p  # keep the first token past p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _eos(config: GenerationConfig, device) -> Tensor:
+    ids = config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _pad_rows(rows: list[list[int]], pad: int, device) -> Tensor:
+    length = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), length), pad, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    pixel_values: Tensor | None = None,
+    config: GenerationConfig | None = None,
+    **overrides,
+) -> Tensor:
+    """New tokens ``(B, L)`` after each (left-padded) prompt, padded after EOS.
+
+    Args:
+        model: a ``VisionLanguageModel``.
+        input_ids, attention_mask: ``(B, T)`` prompts, padded on the left.
+        pixel_values: ``(N_img, 3, H, W)``, the prompts' images in reading order.
+        config, overrides: a :class:`GenerationConfig` and/or its fields as keywords.
+    """
+    config = replace(config or GenerationConfig(), **overrides)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask[:, -1].eq(0).any():
+        raise ValueError("prompts must be padded on the left for generation (Processor.pad(side='left'))")
+    was_training = model.training
+    model.eval()
+    try:
+        if config.num_beams > 1:
+            return _beam_search(model, input_ids, attention_mask, pixel_values, config)
+        return _sample(model, input_ids, attention_mask, pixel_values, config)
+    finally:
+        model.train(was_training)
+        if model.bridge.cross_attention:
+            model.bridge.set_media(None)
+
+
+def _sample(model, input_ids, attention_mask, pixel_values, config: GenerationConfig) -> Tensor:
+    steps = _Steps(model, input_ids, attention_mask, pixel_values, config.use_cache)
+    eos = _eos(config, input_ids.device)
+    generator = None
+    if config.do_sample and config.seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
+    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    new: list[Tensor] = []
+    logits = steps.first()
+    for step in range(config.max_new_tokens):
+        if config.do_sample:
+            probs = _filter(logits, config).softmax(-1)
+            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            tokens = logits.argmax(-1)
+        tokens = tokens.masked_fill(finished, config.pad_token_id)
+        new.append(tokens)
+        finished |= torch.isin(tokens, eos)
+        if finished.all() or step == config.max_new_tokens - 1:
+            break
+        logits = steps.next(tokens)
+    if not new:
+        return input_ids.new_zeros(len(input_ids), 0)
+    return torch.stack(new, dim=1)
+
+
+def _beam_search(model, input_ids, attention_mask, pixel_values, config: GenerationConfig) -> Tensor:
+    """Beam search that stops a prompt once it has ``num_beams`` finished hypotheses."""
+    K, B, device = config.num_beams, len(input_ids), input_ids.device
+    eos = set(_eos(config, device).tolist())
+    steps = _Steps(model, input_ids, attention_mask, pixel_values, config.use_cache)
+    logits = steps.first()  # images are encoded once per prompt, then rows are repeated
+    rows = torch.arange(B, device=device).repeat_interleave(K)
+    steps.reorder(rows)
+    if model.bridge.cross_attention:
+        model.bridge.repeat_media(K)
+    logits = logits[rows]
+    scores = [[0.0] + [float("-inf")] * (K - 1) for _ in range(B)]  # identical beams: expand one
+    beams: list[list[int]] = [[] for _ in range(B * K)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    for step in range(config.max_new_tokens):
+        logprobs = logits.log_softmax(-1)  # (B*K, V)
+        vocab = logprobs.shape[-1]
+        flat_scores = torch.tensor(scores, device=device).view(-1, 1) + logprobs
+        top_scores, top = flat_scores.view(B, K * vocab).topk(2 * K, dim=-1)
+        chosen = []  # (score, source row, token) for every new row, K per prompt
+        for b in range(B):
+            kept = []
+            if len(finished[b]) < K:
+                for score, flat in zip(top_scores[b].tolist(), top[b].tolist()):
+                    row, token = b * K + flat // vocab, flat % vocab
+                    if score == float("-inf"):
+                        break
+                    if token in eos:
+                        hypothesis = beams[row] + [token]
+                        finished[b].append((score / len(hypothesis) ** config.length_penalty, hypothesis))
+                    else:
+                        kept.append((score, row, token))
+                    if len(kept) == K or len(finished[b]) >= K:
+                        break
+            kept += [(float("-inf"), b * K, config.pad_token_id)] * (K - len(kept))  # idle rows
+            chosen += kept
+        beams = [beams[row] + [token] for _, row, token in chosen]
+        scores = [[score for score, _, _ in chosen[b * K : (b + 1) * K]] for b in range(B)]
+        if all(len(f) >= K for f in finished) or step == config.max_new_tokens - 1:
+            break
+        steps.reorder(torch.tensor([row for _, row, _ in chosen], device=device))
+        logits = steps.next(torch.tensor([token for _, _, token in chosen], device=device))
+    results = []
+    for b in range(B):
+        pool = list(finished[b])
+        if len(pool) < K:  # out of length: the running beams compete as they are
+            for k in range(K):
+                if scores[b][k] > float("-inf"):
+                    tokens = beams[b * K + k]
+                    pool.append((scores[b][k] / len(tokens) ** config.length_penalty, tokens))
+        results.append(max(pool, key=lambda item: item[0])[1] if pool else [])
+    return _pad_rows(results, config.pad_token_id, device)
