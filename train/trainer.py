@@ -307,6 +307,15 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         "run_dir": str(out),
     }
     if env.is_main:
+        # Inference needs the prompts and image preprocessing the model was trained with.
+        processing = {
+            "templates": recipe.data.templates,
+            "resize": recipe.data.resize,
+            "max_length": recipe.data.max_length,
+        }
+        model.config = dataclasses.replace(
+            model.config, extra={**model.config.extra, "processor": processing}
+        )
         summary["model"] = str(export(model, tokenizer, out / "model"))
         plot_loss(out / "log.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -9,14 +9,89 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from vlm.config import ConfigError
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from train.random_demo import run
+def _recipes() -> Path:
+    from importlib.resources import files
 
-    run(out_dir=args.out, steps=args.steps, seed=args.seed)
+    return Path(str(files("train") / "recipes"))  # the shipped recipes, installed or not
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Shapes data -> the shapes recipe -> evaluation on the held-out test split."""
+    import time
+
+    from data.shapes import HELD_OUT
+    from eval.evaluate import evaluate
+    from eval.gallery import write_gallery
+    from eval.predict import Predictor
+    from train.recipe import load_recipe
+    from train.trainer import train
+
+    out = Path(args.out)
+    recipe = load_recipe(args.recipe, [f"run.out={json.dumps(str(out / 'train'))}", *args.set])
+    print(f"vlm demo: shapes data in {recipe.data.shapes}, recipe {args.recipe}, run in {out}")
+    summary = train(recipe)
+
+    def combination(text: dict) -> str:
+        pairs = {(o["color"], o["shape"]) for o in text.get("objects", [])}
+        return "held-out combination" if pairs & set(map(tuple, HELD_OUT)) else "seen combinations"
+
+    test = str(Path(recipe.data.shapes) / "test")
+    predictor = Predictor(summary["model"])
+    start = time.perf_counter()
+    vqa_run = evaluate(
+        summary["model"], test, "vqa", out / "eval-vqa", group=combination, predictor=predictor
+    )
+    caption_run = evaluate(
+        summary["model"], test, "caption", out / "eval-caption", group=combination, predictor=predictor
+    )
+    vqa, caption = vqa_run.metrics, caption_run.metrics
+    metrics = {
+        "vqa_accuracy": vqa["vqa_accuracy"],
+        **{
+            k: caption[k]
+            for k in ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor")
+            if k in caption
+        },
+        "train_seconds": round(summary["train_seconds"], 1),
+        "eval_seconds": round(time.perf_counter() - start, 1),
+        "train_steps": summary["steps"],
+        "groups": {
+            name: {
+                "vqa_accuracy": vqa["groups"][name]["vqa_accuracy"],
+                "cider": caption["groups"][name]["cider"],
+            }
+            for name in vqa.get("groups", {})
+        },
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shown = caption_run.gallery[:24] + vqa_run.gallery[:36]
+    write_gallery(
+        out / "gallery.html",
+        "vlm demo: shapes test split",
+        shown,
+        {k: v for k, v in metrics.items() if isinstance(v, float)},
+    )
+    print("\n  metric (test split)      all     " + "  ".join(f"{g:>22}" for g in metrics["groups"]))
+    for key in ("vqa_accuracy", "cider"):
+        groups = "  ".join(f"{metrics['groups'][g][key]:>22.3f}" for g in metrics["groups"])
+        print(f"  {key:<22} {metrics[key]:>6.3f}   {groups}")
+    for key in ("bleu4", "rouge_l", "train_seconds"):
+        print(
+            f"  {key:<22} {metrics[key]:>6.3f}"
+            if isinstance(metrics[key], float)
+            else f"  {key:<22} {metrics[key]}"
+        )
+    print("\n  a few predictions:")
+    for item in shown[:3] + shown[-4:]:
+        question = f"Q: {item['question']}  " if item.get("question") else ""
+        expected = (item.get("answers") or item.get("references"))[0]
+        print(f"    {question}-> {item['prediction']!r}   (expected {expected!r})")
+    print(f"\nwrote {out / 'metrics.json'} and {out / 'gallery.html'}")
     return 0
 
 
@@ -72,15 +147,90 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from eval.predict import Predictor, batched, check_model_dir, read_inputs
+    from vlm.generate import GenerationConfig
+
+    check_model_dir(args.model)
+    items = list(read_inputs(args.images))  # read all first: bad input fails before the model loads
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    predictor = Predictor(args.model, device=args.device, generation=generation)
+    question = getattr(args, "question", None)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        from tqdm import tqdm
+
+        with tqdm(total=len(items), desc=args.command, unit="image", disable=args.out is None) as bar:
+            for chunk in batched(items, args.batch_size):
+                questions = [question] * len(chunk) if question else None
+                texts = predictor.predict([i.image for i in chunk], args.command, questions)
+                for item, text in zip(chunk, texts):
+                    record = {
+                        "image": item.name,
+                        **({"question": question} if question else {}),
+                        "prediction": text,
+                    }
+                    out.write(json.dumps(record) + "\n")
+                bar.update(len(chunk))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from eval.evaluate import evaluate, score_file
+
+    if args.predictions:
+        metrics = score_file(args.predictions, args.task, args.out)
+    elif args.model and args.data:
+        from eval.predict import check_model_dir
+
+        check_model_dir(args.model)
+        metrics = evaluate(
+            args.model, args.data, args.task, args.out, limit=args.limit, device=args.device
+        ).metrics
+    else:
+        raise ValueError("give --predictions FILE, or --model DIR and --data SHARDS")
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    print(f"wrote {args.out}/metrics.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Vision-language models: train, caption, ask.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train a tiny model end to end and check it learned")
+    demo = commands.add_parser("demo", help="make the shapes data, train the default model, evaluate it")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--recipe", default=str(_recipes() / "shapes.toml"), help="default: shapes.toml")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     demo.set_defaults(func=_demo)
+
+    for task, help_text in (("caption", "caption images"), ("vqa", "answer a question about images")):
+        sub = commands.add_parser(task, help=f"{help_text} (files, folders or shards) with a trained model")
+        sub.add_argument("images", nargs="+", help="image files, folders of images, or webdataset shards")
+        sub.add_argument(
+            "--model", required=True, help="a model directory (from `vlm train` or save_pretrained)"
+        )
+        if task == "vqa":
+            sub.add_argument("--question", required=True, help="the question to ask about every image")
+        sub.add_argument("--out", default=None, help="JSONL file to write (default: print to stdout)")
+        sub.add_argument("--batch-size", type=int, default=16)
+        sub.add_argument("--max-new-tokens", type=int, default=32)
+        sub.add_argument("--num-beams", type=int, default=1)
+        sub.add_argument("--device", default="auto")
+        sub.set_defaults(func=_predict)
+
+    ev = commands.add_parser("eval", help="evaluate a model on shards, or score a predictions file")
+    ev.add_argument("--task", required=True, choices=["caption", "vqa"])
+    ev.add_argument("--out", required=True, help="directory for metrics.json (and gallery.html)")
+    ev.add_argument("--model", help="a model directory")
+    ev.add_argument("--data", help="shards to evaluate on")
+    ev.add_argument("--predictions", help="JSONL of {prediction, references | answers} from any model")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_eval)
 
     train = commands.add_parser("train", help="train a model from a recipe (train/recipes/*.toml)")
     train.add_argument("recipe", help="recipe TOML file")
@@ -130,9 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # InputError is a ValueError
         print(f"vlm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"vlm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

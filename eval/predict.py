@@ -1,0 +1,149 @@
+"""Captioning and VQA with a trained model: images, folders or shards in, texts out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
+from data.pipeline import ImageTextShards
+from data.transforms import encoder_transform
+from vlm.config import ConfigError
+from vlm.generate import GenerationConfig, generate
+from vlm.hub import from_pretrained, load_tokenizer
+from vlm.processor import Processor
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Input the user must fix (a missing file, a file that is not an image...)."""
+
+
+@dataclass
+class Item:
+    """One image to caption or ask about, and what is known of it."""
+
+    name: str
+    image: Image.Image
+    text: dict[str, Any]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Predictor:
+    """A saved model ready to caption images and answer questions.
+
+    Args:
+        model_dir: a directory written by ``save_pretrained`` (with its tokenizer).
+        device: ``auto``, ``cpu``, ``cuda``...
+        generation: decoding settings (default: greedy, up to 32 new tokens).
+    """
+
+    def __init__(
+        self, model_dir: str | Path, *, device: str = "auto", generation: GenerationConfig | None = None
+    ):
+        self.device = _device(device)
+        self.model = from_pretrained(model_dir).to(self.device).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        settings = self.model.config.extra.get("processor", {})
+        self.processor = Processor(
+            self.tokenizer,
+            tokens_per_image=self.model.tokens_per_image,
+            templates=settings.get("templates") or None,
+            max_length=settings.get("max_length", 512),
+        )
+        self.transform = encoder_transform(self.model.encoder, mode=settings.get("resize", "crop"))
+        self.generation = generation or GenerationConfig()
+        self.generation.eos_token_id = self.tokenizer.eos_token_id
+        self.generation.pad_token_id = self.processor.pad_token_id
+
+    @torch.no_grad()
+    def predict(self, images: list[Image.Image], task: str, questions: list[str] | None = None) -> list[str]:
+        """One text per image: its caption, or the answer to its question."""
+        questions = questions or [None] * len(images)
+        encoded = [self.processor.encode(task, question=q) for q in questions]
+        if any(e is None for e in encoded):
+            raise InputError(f"a prompt is longer than max_length={self.processor.max_length}")
+        batch = self.processor.pad(encoded, side="left")
+        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+        new = generate(
+            self.model,
+            batch["input_ids"].to(self.device),
+            batch["attention_mask"].to(self.device),
+            pixels,
+            self.generation,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+
+
+def _is_shard_input(path: Path) -> bool:
+    return path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar")))
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        return decode_image(path.read_bytes())[0]
+    except BadSample as bad:
+        raise InputError(f"{path} is not a readable image ({bad.reason})") from bad
+
+
+def read_inputs(paths: Iterable[str]) -> Iterator[Item]:
+    """Images from files, folders (their image files, sorted) and webdataset shards.
+
+    A named file that is missing or not an image, or a folder without images, raises
+    :class:`InputError`; undecodable samples inside shards are skipped and counted.
+    """
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InputError(f"{raw}: no such file or directory")
+        if _is_shard_input(path):
+            for sample in ImageTextShards(
+                str(path), shuffle_shards=False, shuffle_buffer=0, rank=0, world_size=1
+            ):
+                yield Item(f"{Path(sample['url']).name}:{sample['key']}", sample["image"], sample["text"])
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_file(p))
+            if not files:
+                raise InputError(f"{raw}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            for file in files:
+                yield Item(str(file), _open(file), {})
+        else:
+            yield Item(str(path), _open(path), {})
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def check_model_dir(model_dir: str) -> None:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InputError(f"--model {model_dir}: no such directory")
+    if not any((path / name).is_file() for name in ("model.safetensors", "bridge.safetensors")):
+        raise ConfigError(
+            f"--model {model_dir} holds no weights (model.safetensors or bridge.safetensors); "
+            "point it at a directory written by `vlm train` or save_pretrained"
+        )
