@@ -7,6 +7,7 @@ questions (task ``vqa``); the image is transformed once and shared by its exampl
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -54,6 +55,8 @@ class ExampleStream(IterableDataset):
         tasks: which examples to draw from each sample.
         rank, world_size: deal examples round robin to ranks (with every rank reading all
             shards): any world size then sees the same global batches as one process.
+        pack_turns: put all of a sample's examples in one multi-turn sequence (in an order
+            shuffled per sample and epoch): the images and their tokens are paid for once.
     """
 
     def __init__(
@@ -65,10 +68,11 @@ class ExampleStream(IterableDataset):
         *,
         rank: int = 0,
         world_size: int = 1,
+        pack_turns: bool = False,
     ):
         super().__init__()
         self.samples, self.processor, self.transform, self.tasks = samples, processor, transform, tuple(tasks)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pack_turns = rank, world_size, pack_turns
 
     def set_epoch(self, epoch: int) -> None:
         self.samples.set_epoch(epoch)
@@ -78,7 +82,11 @@ class ExampleStream(IterableDataset):
         index = 0
         for sample in self.samples:
             examples = []
-            for example in task_examples(sample["text"], self.tasks):
+            found = list(task_examples(sample["text"], self.tasks))
+            if self.pack_turns and found:
+                random.Random(f"{self.samples.seed}:{self.samples.epoch}:{sample['key']}").shuffle(found)
+                found = [{"task": "turns", "turns": found}]
+            for example in found:
                 if index % self.world_size == self.rank:
                     examples.append(example)
                 index += 1
@@ -91,12 +99,15 @@ class ExampleStream(IterableDataset):
                 visual = {"pixel_values": torch.stack([self.transform(image) for image in images])}
             num_images = len(next(iter(visual.values())))
             for example in examples:
-                encoded = self.processor.encode(
-                    example["task"],
-                    question=example.get("question"),
-                    answer=example["answer"],
-                    num_images=num_images,
-                )
+                if example["task"] == "turns":
+                    encoded = self.processor.encode_turns(example["turns"], num_images=num_images)
+                else:
+                    encoded = self.processor.encode(
+                        example["task"],
+                        question=example.get("question"),
+                        answer=example["answer"],
+                        num_images=num_images,
+                    )
                 if encoded is None:
                     continue
                 yield {**example, **encoded, **visual, "key": sample["key"]}
@@ -108,12 +119,22 @@ class ExampleStream(IterableDataset):
 
 
 def collate(examples: list[dict[str, Any]], processor, *, side: str = "right") -> dict[str, Any]:
-    """A batch: padded ``input_ids`` / ``attention_mask`` / ``labels``, every image of the batch
-    in reading order as ``pixel_values`` ``(N_img, 3, H, W)`` (or their cached
-    ``image_features``), and the examples' metadata."""
+    """A batch: padded ``input_ids`` / ``attention_mask`` / ``labels``; the images as
+    ``pixel_values`` ``(N_distinct, 3, H, W)`` (or their cached ``image_features``) with
+    ``image_index`` ``(N_img,)`` giving every image of the batch in reading order, so examples
+    drawn from the same sample share one encoding; and the examples' metadata."""
     batch = processor.pad(examples, side=side)
     visual = "image_features" if "image_features" in examples[0] else "pixel_values"
-    batch[visual] = torch.cat([e[visual] for e in examples])
+    rows: dict[int, int] = {}  # examples of one sample carry the very same tensor
+    distinct, index = [], []
+    for example in examples:
+        tensor = example[visual]
+        if id(tensor) not in rows:
+            rows[id(tensor)] = sum(len(t) for t in distinct)
+            distinct.append(tensor)
+        index += range(rows[id(tensor)], rows[id(tensor)] + len(tensor))
+    batch[visual] = torch.cat(distinct)
+    batch["image_index"] = torch.tensor(index, dtype=torch.long)
     for field in ("task", "key", "question", "answers", "references"):
         batch[field] = [e.get(field) for e in examples]
     return batch
@@ -129,6 +150,7 @@ def make_loader(
     num_workers: int = 0,
     padding_side: str = "right",
     example_split: tuple[int, int] = (0, 1),
+    pack_turns: bool = False,
     **shard_options: Any,
 ) -> DataLoader:
     """A DataLoader of model batches from shards.
@@ -140,7 +162,9 @@ def make_loader(
     """
     rank, world_size = example_split
     samples = ImageTextShards(shards, **shard_options)
-    stream = ExampleStream(samples, processor, transform, tasks, rank=rank, world_size=world_size)
+    stream = ExampleStream(
+        samples, processor, transform, tasks, rank=rank, world_size=world_size, pack_turns=pack_turns
+    )
     return DataLoader(
         stream,
         batch_size=batch_size,

@@ -178,6 +178,8 @@ def test_every_vlm_attention_runs_through_sdpa(encoder, bridge, monkeypatch):
 # --- static scan -------------------------------------------------------------------------------
 
 FORBIDDEN = {"scaled_dot_product_attention", "flex_attention", "MultiheadAttention", "softmax"}
+# Sampling turns next-token logits into probabilities: a softmax, but no attention.
+ALLOWED = {("generate.py", "softmax")}
 
 
 def _names_used(tree):
@@ -193,13 +195,14 @@ def _names_used(tree):
 
 
 def test_attention_primitives_only_in_attention_module():
-    """No file but vlm/attention.py names SDPA, flex attention, nn.MultiheadAttention or softmax."""
+    """No file but vlm/attention.py names SDPA, flex attention, nn.MultiheadAttention or softmax
+    (sampling's softmax over next-token logits in generate.py aside)."""
     files = sorted(VLM_DIR.rglob("*.py"))
     assert len(files) > 10
     offenders, in_attention = [], set()
     for path in files:
         for name, line in _names_used(ast.parse(path.read_text(), filename=str(path))):
-            if name in FORBIDDEN:
+            if name in FORBIDDEN and (path.name, name) not in ALLOWED:
                 if path.resolve() == ATTENTION_FILE:
                     in_attention.add(name)
                 else:

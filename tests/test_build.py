@@ -7,7 +7,7 @@ import tiny
 import torch
 import torch.nn.functional as F
 
-from vlm import ModelConfig, build_model
+from vlm import ConfigError, ModelConfig, build_model
 
 ENCODERS = ("vit", "clip")
 
@@ -193,3 +193,20 @@ def test_sum_loss_reduction():
     counted = int((labels[:, 1:] != -100).sum())
     assert counted > 0
     torch.testing.assert_close(total, mean * counted)
+
+
+def test_projector_merge_hands_the_lm_fewer_tokens():
+    """merge=2 concatenates 2x2 neighbouring patches: 16 patch tokens become 4 LM tokens."""
+    config = tiny.model_config("vit", "mlp2x_gelu", "gpt2")
+    config = dataclasses.replace(config, bridge=dataclasses.replace(config.bridge, merge=2))
+    model = build_model(config)
+    assert model.encoder.num_tokens == 16 and model.tokens_per_image == 4
+    features = torch.arange(16.0)[None, :, None].expand(1, 16, 32)  # token i holds the value i
+    merged = model.bridge._merge(features)
+    assert merged.shape == (1, 4, 128)
+    assert merged[0, :, ::32].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    out = model(**tiny.make_batch(model))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ConfigError, match="square grid"):
+        cls = dataclasses.replace(config.encoder, keep_class_token=True)  # 17 tokens
+        build_model(dataclasses.replace(config, encoder=cls))

@@ -129,8 +129,30 @@ def test_batches_from_shards_train_a_model(tmp_path, bridge):
     batches = list(loader)
     assert [len(b["task"]) for b in batches] == [4, 4, 2]  # 5 samples x (caption + question)
     batch = batches[0]
-    assert batch["pixel_values"].shape == (4, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    # two samples, two examples each: each image is encoded once and indexed per example
+    assert batch["pixel_values"].shape == (2, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    assert batch["image_index"].tolist() == [0, 0, 1, 1]
     assert batch["task"] == ["caption", "vqa", "caption", "vqa"]
-    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "labels")}
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "labels", "image_index")}
     loss = model(**inputs).loss
-    assert torch.isfinite(loss)
+    expanded = {**inputs, "pixel_values": batch["pixel_values"][batch["image_index"]], "image_index": None}
+    assert torch.isfinite(loss) and torch.allclose(loss, model(**expanded).loss, atol=1e-6)
+
+
+def test_turns_share_one_image_and_every_answer_is_labelled():
+    tok = word_tokenizer()
+    proc = Processor(tok, tokens_per_image=2)
+    turns = [
+        {"task": "caption", "answer": "a red square"},
+        {"task": "vqa", "question": "what color is it ?", "answer": "red"},
+    ]
+    out = proc.encode_turns(turns)
+    ids, labels = out["input_ids"], out["labels"]
+    image = tok.convert_tokens_to_ids("<image>")
+    assert ids.count(image) == 2 and ids[:3] == [tok.bos_token_id, image, image]
+    labelled = [t for t in labels if t != -100]
+    assert tok.decode(labelled) == "a red square <eos> red <eos>"
+    assert tok.decode(ids[ids.index(tok.eos_token_id) + 1 :]).startswith("what color is it ?")
+    proc.max_length = len(ids) - 1  # the second turn no longer fits: dropped and counted
+    assert proc.encode_turns(turns)["input_ids"] == proc.encode("caption", answer="a red square")["input_ids"]
+    assert proc.truncated == 1

@@ -28,6 +28,8 @@ class DataConfig:
         split: ``"shard"`` deals shards to ranks (scales, each sample once per epoch);
             ``"example"`` deals examples round robin, so any number of ranks sees the same
             global batches as one process.
+        pack_turns: one multi-turn sequence per sample (its caption and questions, shuffled)
+            instead of one sequence per example.
     """
 
     train: str = ""
@@ -40,6 +42,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 0
     split: str = "shard"
+    pack_turns: bool = False
     templates: dict[str, str] = field(default_factory=dict)
 
 

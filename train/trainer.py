@@ -36,7 +36,7 @@ from vlm.processor import IMAGE_TOKEN, Processor
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "labels", "image_features")
+MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "labels", "image_features", "image_index")
 
 
 class TrainingError(RuntimeError):
@@ -144,6 +144,7 @@ def make_train_loader(
         tasks=data.tasks,
         num_workers=data.num_workers,
         example_split=(env.rank, env.world_size) if by_example else (0, 1),
+        pack_turns=data.pack_turns,
         shuffle_buffer=data.shuffle_buffer,
         seed=recipe.run.seed,
         **shard_rank,

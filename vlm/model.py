@@ -60,6 +60,7 @@ class VisionLanguageModel(nn.Module):
         labels: Tensor | None = None,
         *,
         image_features: Tensor | None = None,
+        image_index: Tensor | None = None,
         loss_reduction: str = "mean",
     ) -> VLMOutput:
         """Logits, and the loss when ``labels`` are given.
@@ -73,10 +74,13 @@ class VisionLanguageModel(nn.Module):
                 image placeholders and padding are never counted.
             image_features: the encoder's output for the images, instead of ``pixel_values``
                 (training from a frozen-feature cache).
+            image_index: when examples share images, ``pixel_values`` (or ``image_features``)
+                may hold each distinct image once and ``image_index`` ``(N_img,)`` pick the
+                row of every image in reading order: each image is encoded once.
             loss_reduction: ``"mean"`` over counted tokens, or ``"sum"`` (the trainer divides
                 by the token count of the whole global batch).
         """
-        embeds, is_image = self.prepare_inputs(input_ids, pixel_values, image_features)
+        embeds, is_image = self.prepare_inputs(input_ids, pixel_values, image_features, image_index)
         out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
         if self.bridge.cross_attention and not self._recompute_needs_media():
             self.bridge.set_media(None)
@@ -89,7 +93,11 @@ class VisionLanguageModel(nn.Module):
         return VLMOutput(logits=out.logits, loss=loss)
 
     def prepare_inputs(
-        self, input_ids: Tensor, pixel_values: Tensor | None = None, image_features: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        image_features: Tensor | None = None,
+        image_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The LM's input embeddings for ``input_ids`` with the images in place.
 
@@ -102,6 +110,8 @@ class VisionLanguageModel(nn.Module):
         if image_features is None and pixel_values is not None:
             image_features = self.encoder(pixel_values)
         visual = self.bridge(image_features) if image_features is not None else None
+        if visual is not None and image_index is not None:
+            visual = visual[image_index]  # encoded once, placed wherever the image appears
         self._check_image_count(is_image, visual)
         if self.bridge.cross_attention:
             self.bridge.set_media(visual, is_image)

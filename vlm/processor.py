@@ -100,6 +100,36 @@ class Processor:
         labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
         return {"input_ids": ids, "labels": labels}
 
+    def encode_turns(
+        self, turns: list[dict[str, Any]], *, num_images: int = 1
+    ) -> dict[str, list[int]] | None:
+        """Several (task, question, answer) turns about the same images in one sequence, the
+        images before the first turn; every answer is labelled. Turns that do not fit in
+        ``max_length`` are dropped (counted in ``truncated``); ``None`` when none fits."""
+        if self.chat:
+            raise ConfigError("packing turns needs plain prompt templates (chat=False)")
+        first = self.encode(
+            turns[0]["task"],
+            question=turns[0].get("question"),
+            answer=turns[0]["answer"],
+            num_images=num_images,
+        )
+        if first is None:
+            return None
+        ids, labels = list(first["input_ids"]), list(first["labels"])
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        for turn in turns[1:]:
+            prompt = self._ids(
+                self.prompt(turn["task"], question=turn.get("question"), num_images=0), special=False
+            )
+            answer = self._ids(turn["answer"], special=False) + eos
+            if len(ids) + len(prompt) + len(answer) > self.max_length:
+                self.truncated += 1
+                break
+            ids += prompt + answer
+            labels += [IGNORE_INDEX] * len(prompt) + answer
+        return {"input_ids": ids, "labels": labels}
+
     def pad(self, encoded: list[dict[str, list[int]]], *, side: str = "right") -> dict[str, torch.Tensor]:
         """Pads to the longest: ``side="right"`` for training, ``"left"`` for generation."""
         if side not in ("left", "right"):
