@@ -1,4 +1,4 @@
-"""Distribution on torch's own engine: torchrun sets the environment, DDP or FSDP2 wraps."""
+"""Distribution on torch's own engine: torchrun sets the environment, DDP wraps the model."""
 
 from __future__ import annotations
 
@@ -45,17 +45,9 @@ def all_reduce_sum(value: torch.Tensor, env: Dist) -> torch.Tensor:
     return value
 
 
-def wrap_model(model: nn.Module, env: Dist, *, shard: bool) -> nn.Module:
-    """DDP over the trainable parameters, or FSDP2 (``fully_shard`` per LM layer, then the
-    whole model) when the LM itself trains and ``shard`` is set."""
+def wrap_model(model: nn.Module, env: Dist) -> nn.Module:
+    """DDP over the trainable parameters when there are several processes."""
     if not env.enabled:
-        return model
-    if shard:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.decoder.layers():
-            fully_shard(layer)
-        fully_shard(model)
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -1,6 +1,6 @@
 """The training loop: a recipe in, a trained model, checkpoints and logs out.
 
-One process on CPU or GPU, or many under ``torchrun`` (DDP; FSDP2 when the LM trains). The
+One process on CPU or GPU, or many under ``torchrun`` (DDP). The
 loss of an optimizer step is the answer-token cross-entropy averaged over every token of the
 global batch (all micro-batches, all ranks), so gradient accumulation and the number of
 processes change nothing but speed.
@@ -207,8 +207,7 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         shards = str(out / "feature-cache")
     loader = make_train_loader(recipe, model, processor, env, micro_batch, shards)
     stream = EpochStream(loader, epoch=state["epoch"], position=state["position"])
-    shard_lm = not recipe.model_config().decoder.freeze and recipe.model_config().decoder.lora is None
-    wrapped = wrap_model(model, env, shard=shard_lm and env.device.type == "cuda")
+    wrapped = wrap_model(model, env)
     if run.compile:
         wrapped = torch.compile(wrapped)
     model.train()

@@ -81,7 +81,7 @@ class _Steps:
             embeds,
             attention_mask=self.mask,
             position_ids=self._positions(self.mask),
-            past_key_values=self.past,
+            **{self.model.decoder.cache_argument: self.past},
             use_cache=True,
         )
         return self._logits(out)
@@ -101,7 +101,7 @@ class _Steps:
             self.model.decoder.embed(tokens[:, None]),
             attention_mask=self.mask,
             position_ids=self._positions(self.mask)[:, -1:],
-            past_key_values=self.past,
+            **{self.model.decoder.cache_argument: self.past},
             use_cache=True,
         )
         return self._logits(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,11 @@ class HFDecoder(nn.Module):
             )  # only the new lora_ parameters require grad
         elif self.config.freeze:
             self.lm.requires_grad_(False)
+
+    @property
+    def cache_argument(self) -> str:
+        """The forward argument that takes the KV cache (renamed ``cache`` in recent transformers)."""
+        return "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
 
     def layers(self) -> nn.ModuleList:
         return find_layers(self.lm)
