@@ -12,15 +12,6 @@ from vlm.cli import main
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from data.shapes import write_shapes
-
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes(root, train=32, val=6, test=6, image_size=32, samples_per_shard=16)
-    return root
-
-
-@pytest.fixture(scope="module")
 def model_dir(shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     return train(recipe_from_dict(tiny_recipe(shapes_dir, out, max_steps=2)), progress=False)["model"]
@@ -65,7 +56,7 @@ def test_vqa_on_files_and_shards_prints_jsonl(model_dir, images, shapes_dir, cap
         capsys,
     )
     rows = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and len(rows) == 1 + 6
+    assert code == 0 and len(rows) == 1 + 8  # an image file + the 8 test samples
     assert all(r["question"] == "how many shapes are there?" for r in rows)
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from test_train import losses, tiny_recipe
 
 from train.recipe import recipe_from_dict
@@ -25,15 +24,6 @@ def toml(tree, prefix=""):
     for key, value in tables:
         text += toml(value, f"{prefix}.{key}" if prefix else key)
     return text
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from data.shapes import write_shapes
-
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes(root, train=48, val=8, test=8, image_size=32, samples_per_shard=16)
-    return root
 
 
 def test_two_processes_match_one(shapes_dir, tmp_path):

@@ -43,23 +43,14 @@ def base(tmp_path_factory, tiny_clip):
     return root
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    from data.shapes import write_shapes
-
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes(root, train=32, val=4, test=4, image_size=32, samples_per_shard=16)
-    return root
-
-
-def overrides(name, base, shapes, out, tiny_clip):
+def overrides(name, base, shapes_dir, out, tiny_clip):
     settings = [
         f'model.encoder.model="{tiny_clip}"',
         f'model.encoder.checkpoint="{base / "clip.pt"}"',
         f'model.decoder.pretrained="{base / "lm"}"',
         'model.decoder.dtype="float32"',
-        f'data.train="{shapes / "train"}"',
-        f'data.tokenizer="{shapes / "tokenizer"}"',
+        f'data.train="{shapes_dir / "train"}"',
+        f'data.tokenizer="{shapes_dir / "tokenizer"}"',
         "data.num_workers=0",
         "data.max_length=96",
         'data.templates={caption = "{images}", vqa = "{images}{question}"}',
@@ -73,7 +64,7 @@ def overrides(name, base, shapes, out, tiny_clip):
     return settings + TINY_BRIDGES.get(bridge, [])
 
 
-def run_recipe(name, base, shapes, out, tiny_clip, monkeypatch, extra=()):
+def run_recipe(name, base, shapes_dir, out, tiny_clip, monkeypatch, extra=()):
     captured = {}
     import train.trainer as trainer
 
@@ -85,7 +76,7 @@ def run_recipe(name, base, shapes, out, tiny_clip, monkeypatch, extra=()):
 
     monkeypatch.setattr(trainer, "export", keep_model)
     recipe = load_recipe(
-        RECIPES / f"{name}.toml", overrides(name, base, shapes, out, tiny_clip) + list(extra)
+        RECIPES / f"{name}.toml", overrides(name, base, shapes_dir, out, tiny_clip) + list(extra)
     )
     summary = train(recipe, progress=False)
     return recipe, summary, captured["model"]
@@ -96,11 +87,11 @@ def state(module):
 
 
 @pytest.mark.parametrize("name", ["llava_stage1", "blip2", "flamingo"])
-def test_frozen_base_recipes_train_only_the_bridge(name, base, shapes, tmp_path, tiny_clip, monkeypatch):
+def test_frozen_base_recipes_train_only_the_bridge(name, base, shapes_dir, tmp_path, tiny_clip, monkeypatch):
     from train.trainer import bind_tokenizer, load_tokenizer
     from vlm import build_model
 
-    recipe, summary, model = run_recipe(name, base, shapes, tmp_path / name, tiny_clip, monkeypatch)
+    recipe, summary, model = run_recipe(name, base, shapes_dir, tmp_path / name, tiny_clip, monkeypatch)
     assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"]
     torch.manual_seed(recipe.run.seed)
     fresh = build_model(bind_tokenizer(recipe.model_config(), load_tokenizer(recipe.data.tokenizer)))
@@ -113,8 +104,8 @@ def test_frozen_base_recipes_train_only_the_bridge(name, base, shapes, tmp_path,
     assert (saved / "bridge.safetensors").is_file() and not (saved / "model.safetensors").exists()
 
 
-def test_llava_stage2_starts_from_stage1_with_lora(base, shapes, tmp_path, tiny_clip, monkeypatch):
-    run_recipe("llava_stage1", base, shapes, tmp_path / "stage1", tiny_clip, monkeypatch)
+def test_llava_stage2_starts_from_stage1_with_lora(base, shapes_dir, tmp_path, tiny_clip, monkeypatch):
+    run_recipe("llava_stage1", base, shapes_dir, tmp_path / "stage1", tiny_clip, monkeypatch)
     stage1 = json.loads((tmp_path / "stage1" / "model" / "config.json").read_text())
     assert stage1["bridge"]["name"] == "mlp2x_gelu"
     from safetensors.torch import load_file
@@ -123,7 +114,7 @@ def test_llava_stage2_starts_from_stage1_with_lora(base, shapes, tmp_path, tiny_
     recipe, summary, model = run_recipe(
         "llava_stage2",
         base,
-        shapes,
+        shapes_dir,
         tmp_path / "stage2",
         tiny_clip,
         monkeypatch,

@@ -14,15 +14,6 @@ from vlm import ConfigError
 from vlm.model import VisionLanguageModel
 
 
-@pytest.fixture(scope="session")
-def shapes_dir(tmp_path_factory):
-    from data.shapes import write_shapes
-
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes(root, train=48, val=8, test=8, image_size=32, samples_per_shard=16)
-    return root
-
-
 def tiny_recipe(shapes_dir, out, **run):
     tree = {
         "model": {
