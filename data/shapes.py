@@ -214,6 +214,12 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def combination(text: dict[str, Any]) -> str:
+    """Evaluation group of a sample's text: whether it shows a held-out colour-shape pair."""
+    pairs = {(o["color"], o["shape"]) for o in text.get("objects", [])}
+    return "held-out combination" if pairs & set(HELD_OUT) else "seen combinations"
+
+
 def _allowed_combos(split: str) -> list[tuple[str, str]]:
     combos = [(c, s) for c in COLORS for s in SHAPES]
     return [pair for pair in combos if pair not in HELD_OUT] if split == "train" else combos

@@ -308,3 +308,11 @@ def test_write_shapes_is_idempotent_and_rebuilds_on_new_arguments(tmp_path):
         "shapes-train-000000.tar",
         "shapes-train-000001.tar",
     ]
+
+
+def test_evaluation_groups_name_held_out_pairs():
+    from data.shapes import combination
+
+    held = {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "triangle"}]}
+    seen = {"objects": [{"color": "red", "shape": "circle"}]}
+    assert combination(held) == "held-out combination" and combination(seen) == "seen combinations"

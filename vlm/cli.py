@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
     """Shapes data -> the shapes recipe -> evaluation on the held-out test split."""
     import time
 
-    from data.shapes import HELD_OUT
+    from data.shapes import combination
     from eval.evaluate import evaluate
     from eval.gallery import write_gallery
     from eval.predict import Predictor
@@ -35,10 +35,6 @@ def _demo(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, [f"run.out={json.dumps(str(out / 'train'))}", *args.set])
     print(f"vlm demo: shapes data in {recipe.data.shapes}, recipe {args.recipe}, run in {out}")
     summary = train(recipe)
-
-    def combination(text: dict) -> str:
-        pairs = {(o["color"], o["shape"]) for o in text.get("objects", [])}
-        return "held-out combination" if pairs & set(map(tuple, HELD_OUT)) else "seen combinations"
 
     test = str(Path(recipe.data.shapes) / "test")
     predictor = Predictor(summary["model"])
