@@ -70,9 +70,9 @@ def run_recipe(name, base, shapes_dir, out, tiny_clip, monkeypatch, extra=()):
 
     real_export = trainer.export
 
-    def keep_model(model, tokenizer, path):
+    def keep_model(model, tokenizer, path, **kwargs):
         captured["model"] = model
-        return real_export(model, tokenizer, path)
+        return real_export(model, tokenizer, path, **kwargs)
 
     monkeypatch.setattr(trainer, "export", keep_model)
     recipe = load_recipe(

@@ -1,4 +1,4 @@
-"""Distribution on torch's own engine: torchrun sets the environment, DDP wraps the model."""
+"""Distribution on torch's own engine: torchrun sets the environment, DDP or FSDP2 wraps."""
 
 from __future__ import annotations
 
@@ -45,9 +45,17 @@ def all_reduce_sum(value: torch.Tensor, env: Dist) -> torch.Tensor:
     return value
 
 
-def wrap_model(model: nn.Module, env: Dist) -> nn.Module:
-    """DDP over the trainable parameters when there are several processes."""
+def wrap_model(model: nn.Module, env: Dist, *, shard: bool) -> nn.Module:
+    """DDP over the trainable parameters; or, with ``shard`` (the LM itself trains), FSDP2:
+    ``fully_shard`` on each LM layer, then on the whole model."""
     if not env.enabled:
+        return model
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.decoder.layers():
+            fully_shard(layer)
+        fully_shard(model)
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data.loader import make_loader
 from data.transforms import encoder_transform
-from train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from train.checkpoint import checkpoints, gather_model_state, is_sharded, load_checkpoint, save_checkpoint
 from train.distributed import Dist, all_reduce_sum, cleanup, init_distributed, wrap_model
 from train.feature_cache import build_feature_cache
 from train.logs import RunLog, plot_loss
@@ -177,6 +177,20 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         max_length=recipe.data.max_length,
         templates=recipe.data.templates or None,
     )
+    shards = recipe.data.train
+    if not shards:
+        raise ConfigError("data.train names no shards; set it in the recipe or with --set data.train=...")
+    if run.cache_features:  # before wrapping: it runs the encoder on its own
+        if env.is_main:
+            build_feature_cache(
+                model, shards, out / "feature-cache", resize=recipe.data.resize, device=env.device
+            )
+        if env.enabled:
+            torch.distributed.barrier()
+        shards = str(out / "feature-cache")
+    decoder = recipe.model_config().decoder
+    wrapped = wrap_model(model, env, shard=not decoder.freeze and decoder.lora is None)
+    # After wrapping: FSDP2 replaces the parameters with sharded ones.
     optimizer = make_optimizer(model, recipe.optim)
     scheduler = make_scheduler(optimizer, recipe.optim, run.max_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -194,27 +208,13 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     run_log = RunLog(out, enabled=env.is_main, resume_step=state["step"] if found else None)
-    shards = recipe.data.train
-    if not shards:
-        raise ConfigError("data.train names no shards; set it in the recipe or with --set data.train=...")
-    if run.cache_features:
-        if env.is_main:
-            build_feature_cache(
-                model, shards, out / "feature-cache", resize=recipe.data.resize, device=env.device
-            )
-        if env.enabled:
-            torch.distributed.barrier()
-        shards = str(out / "feature-cache")
     loader = make_train_loader(recipe, model, processor, env, micro_batch, shards)
     stream = EpochStream(loader, epoch=state["epoch"], position=state["position"])
-    wrapped = wrap_model(model, env)
     if run.compile:
         wrapped = torch.compile(wrapped)
     model.train()
 
-    def checkpoint() -> Path | None:
-        if not env.is_main:
-            return None
+    def checkpoint() -> Path | None:  # every rank calls it: FSDP2 gathers the shards
         position = {
             "epoch": stream.epoch,
             "position": stream.position,
@@ -228,6 +228,7 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
             scheduler=scheduler,
             state=position,
             keep=run.keep_last,
+            write=env.is_main,
         )
 
     bar = tqdm(
@@ -306,6 +307,7 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         "train_seconds": time.perf_counter() - start,
         "run_dir": str(out),
     }
+    full_state = gather_model_state(model) if is_sharded(model) else None  # a collective
     if env.is_main:
         # Inference needs the prompts and image preprocessing the model was trained with.
         processing = {
@@ -316,14 +318,19 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         model.config = dataclasses.replace(
             model.config, extra={**model.config.extra, "processor": processing}
         )
-        summary["model"] = str(export(model, tokenizer, out / "model"))
+        summary["model"] = str(export(model, tokenizer, out / "model", state_dict=full_state))
         plot_loss(out / "log.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def export(model: VisionLanguageModel, tokenizer, path: Path) -> Path:
+def export(model: VisionLanguageModel, tokenizer, path: Path, state_dict: dict | None = None) -> Path:
     """The trained model for captioning and evaluation: bridge-only when the base can be
-    rebuilt from its own files, otherwise full; the tokenizer goes with it."""
-    save_pretrained(model, path, bridge_only=not bridge_only_problems(model.config), tokenizer=tokenizer)
+    rebuilt from its own files, otherwise full; the tokenizer goes with it.
+
+    Args:
+        state_dict: the gathered full weights of a sharded (FSDP2) model.
+    """
+    bridge_only = not bridge_only_problems(model.config)
+    save_pretrained(model, path, bridge_only=bridge_only, tokenizer=tokenizer, state_dict=state_dict)
     return path

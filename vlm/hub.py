@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from vlm.config import ConfigError, ModelConfig
 from vlm.model import VisionLanguageModel, build_model
@@ -26,10 +26,20 @@ BRIDGE_FILE = "bridge.safetensors"
 
 
 def save_pretrained(
-    model: VisionLanguageModel, path: str | Path, *, bridge_only: bool = False, tokenizer: Any = None
+    model: VisionLanguageModel,
+    path: str | Path,
+    *,
+    bridge_only: bool = False,
+    tokenizer: Any = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Writes ``config.json`` and the weights (all of them, or the bridge's only) to ``path``,
-    plus the tokenizer's files when one is given."""
+    plus the tokenizer's files when one is given.
+
+    Args:
+        state_dict: the weights to write instead of ``model.state_dict()`` (e.g. the gathered
+            full weights of a sharded model).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if bridge_only:
@@ -41,11 +51,19 @@ def save_pretrained(
                 + ". Save the full model instead: model.save_pretrained(DIR)"
             )
         config = model.config
-        save_file({k: v.contiguous() for k, v in model.bridge.state_dict().items()}, path / BRIDGE_FILE)
+        bridge = (
+            {k.removeprefix("bridge."): v for k, v in state_dict.items() if k.startswith("bridge.")}
+            if state_dict is not None
+            else model.bridge.state_dict()
+        )
+        save_file({k: v.contiguous() for k, v in bridge.items()}, path / BRIDGE_FILE)
         (path / WEIGHTS_FILE).unlink(missing_ok=True)
     else:
         config = _self_contained(model)
-        save_model(model, str(path / WEIGHTS_FILE))  # handles tied weights (e.g. GPT-2's lm_head)
+        if state_dict is not None:
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, path / WEIGHTS_FILE)
+        else:
+            save_model(model, str(path / WEIGHTS_FILE))  # handles tied weights (e.g. GPT-2's lm_head)
         (path / BRIDGE_FILE).unlink(missing_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     if tokenizer is not None:
@@ -80,11 +98,22 @@ def _weights_file(path: Path) -> Path:
 def load_weights(model: VisionLanguageModel, path: str | Path) -> None:
     """Loads a saved directory's weights (full or bridge-only) into a built model."""
     file = _weights_file(Path(path))
+    weights = load_file(file)
     if file.name == WEIGHTS_FILE:
-        _load(lambda: load_model(model, str(file), strict=True), file)
+        _load(lambda: _load_full(model, weights), file)
     else:
-        weights = load_file(file)
         _load(lambda: model.bridge.load_state_dict(weights), file)
+
+
+def _load_full(model: VisionLanguageModel, weights: dict[str, Any]) -> None:
+    """Loads every weight; a tied weight (GPT-2's lm_head and wte) may be stored under either
+    name or both."""
+    result = model.load_state_dict(weights, strict=False)
+    alias = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    loaded = {alias[k] for k in weights if k in alias}
+    missing = [k for k in result.missing_keys if alias.get(k) not in loaded]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
 
 
 def load_tokenizer(path: str | Path):
