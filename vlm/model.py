@@ -21,9 +21,10 @@ IGNORE_INDEX = -100  # label of positions that do not count in the loss
 
 @dataclass
 class VLMOutput:
+    """``logits`` ``(B, T, vocab)``; ``loss`` when labels were given."""
+
     logits: Tensor
     loss: Tensor | None = None
-    past_key_values: Any = None
 
 
 class VisionLanguageModel(nn.Module):
