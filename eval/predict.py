@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -64,9 +65,11 @@ class Predictor:
             max_length=settings.get("max_length", 512),
         )
         self.transform = encoder_transform(self.model.encoder, mode=settings.get("resize", "crop"))
-        self.generation = generation or GenerationConfig()
-        self.generation.eos_token_id = self.tokenizer.eos_token_id
-        self.generation.pad_token_id = self.processor.pad_token_id
+        self.generation = dataclasses.replace(
+            generation or GenerationConfig(),
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.processor.pad_token_id,
+        )
 
     @torch.no_grad()
     def predict(self, images: list[Image.Image], task: str, questions: list[str] | None = None) -> list[str]:
