@@ -163,3 +163,26 @@ def test_data_commands(tmp_path, capsys, images):
     assert code == 0 and "wrote 3 samples" in out
     code, out, _ = run(["data", "check", str(tmp_path / "shards"), "--json"], capsys)
     assert code == 0 and json.loads(out.splitlines()[-1])["ok"] == 3
+
+
+def test_data_shapes_command(tmp_path, capsys):
+    code, out, _ = run(
+        [
+            "data",
+            "shapes",
+            "--out",
+            str(tmp_path / "s"),
+            "--train",
+            "8",
+            "--val",
+            "2",
+            "--test",
+            "2",
+            "--image-size",
+            "32",
+        ],
+        capsys,
+    )
+    manifest = json.loads((tmp_path / "s" / "shapes.json").read_text())
+    assert code == 0 and manifest["counts"] == {"train": 8, "val": 2, "test": 2}
+    assert json.loads(out.splitlines()[-1])["counts"]["train"] == 8
