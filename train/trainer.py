@@ -29,6 +29,7 @@ from train.feature_cache import build_feature_cache
 from train.logs import RunLog, plot_loss
 from train.optim import make_optimizer, make_scheduler
 from train.recipe import Recipe
+from vlm import hub
 from vlm.config import ConfigError, ModelConfig
 from vlm.hub import bridge_only_problems, load_weights, save_pretrained
 from vlm.model import IGNORE_INDEX, VisionLanguageModel, build_model
@@ -44,11 +45,10 @@ class TrainingError(RuntimeError):
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
+    """The recipe's tokenizer, given an ``<image>`` token and a pad token when it lacks them."""
     if not path or not Path(path).is_dir():
         raise ConfigError(f"data.tokenizer={path!r} is not a local tokenizer directory")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = hub.load_tokenizer(path)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
