@@ -105,6 +105,9 @@ class HFDecoder(nn.Module):
         text_config = self.lm.config.get_text_config()
         self.hidden_size = text_config.hidden_size
         self.num_layers = text_config.num_hidden_layers
+        # The forward argument that takes the KV cache (renamed ``cache`` in recent transformers).
+        parameters = inspect.signature(self.lm.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         rows = self.lm.get_input_embeddings().num_embeddings
         self.image_token_id = rows if image_token_id is None else image_token_id
         if self.image_token_id >= rows:
@@ -138,11 +141,6 @@ class HFDecoder(nn.Module):
             )  # only the new lora_ parameters require grad
         elif self.config.freeze:
             self.lm.requires_grad_(False)
-
-    @property
-    def cache_argument(self) -> str:
-        """The forward argument that takes the KV cache (renamed ``cache`` in recent transformers)."""
-        return "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
 
     def layers(self) -> nn.ModuleList:
         return find_layers(self.lm)
