@@ -193,6 +193,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save(args: argparse.Namespace) -> int:
+    """Loads a model (a vlm directory, or a transformers LLaVA / BLIP-2 / IDEFICS one, converted)
+    and writes it in vlm's format, with the tokenizer when the source has one."""
+    from vlm.hub import from_pretrained, load_tokenizer, save_pretrained
+
+    source = Path(args.model)
+    model = from_pretrained(source)
+    tokenizer = load_tokenizer(source) if (source / "tokenizer_config.json").is_file() else None
+    save_pretrained(model, args.out, tokenizer=tokenizer)
+    print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Vision-language models: train, caption, ask.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_eval)
+
+    save = commands.add_parser(
+        "save", help="write a model (vlm, or transformers LLaVA / BLIP-2 / IDEFICS) in vlm's format"
+    )
+    save.add_argument("--model", required=True, help="a model directory")
+    save.add_argument("--out", required=True, help="where to write the vlm model")
+    save.set_defaults(func=_save)
 
     train = commands.add_parser("train", help="train a model from a recipe (train/recipes/*.toml)")
     train.add_argument("recipe", help="recipe TOML file")

@@ -71,18 +71,43 @@ def save_pretrained(
 
 
 def from_pretrained(path: str | Path) -> VisionLanguageModel:
-    """Builds the model ``path/config.json`` describes and loads its weights."""
+    """Builds the model ``path/config.json`` describes and loads its weights.
+
+    ``path`` is a directory written by :func:`save_pretrained`, or one saved by transformers
+    for a supported architecture (LLaVA, BLIP-2, IDEFICS; see :mod:`vlm.convert`), whose
+    weights are converted into vlm's modules.
+    """
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise ConfigError(
             f"{str(path)!r} is not a vlm model directory (no {CONFIG_FILE}); "
             "write one with model.save_pretrained(DIR)"
         )
-    config = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    data = json.loads((path / CONFIG_FILE).read_text())
+    if "encoder" not in data or "decoder" not in data:
+        return _convert(path, data)
+    config = ModelConfig.from_dict(data)
     _weights_file(path)  # fail before building anything when there are no weights
     model = build_model(config)
     load_weights(model, path)
     return model
+
+
+def _convert(path: Path, data: dict[str, Any]) -> VisionLanguageModel:
+    """A transformers checkpoint of a supported architecture, converted."""
+    from vlm.convert import CONVERTERS, supported
+
+    architectures = data.get("architectures") or []
+    converter = next((CONVERTERS[a] for a in architectures if a in CONVERTERS), None)
+    if converter is None:
+        found = ", ".join(architectures) or f"model_type {data.get('model_type')!r}"
+        raise ConfigError(
+            f"{str(path)!r} holds a {found} checkpoint, which vlm cannot load. Supported: vlm's own "
+            f"directories (model.save_pretrained) and transformers' {', '.join(supported())}"
+        )
+    from transformers import AutoConfig
+
+    return converter(path, AutoConfig.from_pretrained(path))
 
 
 def _weights_file(path: Path) -> Path:

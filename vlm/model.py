@@ -62,6 +62,7 @@ class VisionLanguageModel(nn.Module):
         *,
         image_features: Tensor | None = None,
         image_index: Tensor | None = None,
+        image_attention_mask: Tensor | None = None,
         loss_reduction: str = "mean",
     ) -> VLMOutput:
         """Logits, and the loss when ``labels`` are given.
@@ -78,10 +79,15 @@ class VisionLanguageModel(nn.Module):
             image_index: when examples share images, ``pixel_values`` (or ``image_features``)
                 may hold each distinct image once and ``image_index`` ``(N_img,)`` pick the
                 row of every image in reading order: each image is encoded once.
+            image_attention_mask: IDEFICS-style inputs for a cross-attention bridge:
+                ``pixel_values`` ``(B, n_img, 3, H, W)`` and this ``(B, T, n_img)`` mask of the image
+                each token attends to, instead of placeholders locating the images.
             loss_reduction: ``"mean"`` over counted tokens, or ``"sum"`` (the trainer divides
                 by the token count of the whole global batch).
         """
-        embeds, is_image = self.prepare_inputs(input_ids, pixel_values, image_features, image_index)
+        embeds, is_image = self.prepare_inputs(
+            input_ids, pixel_values, image_features, image_index, image_attention_mask
+        )
         out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
         if self.bridge.cross_attention and not self._recompute_needs_media():
             self.bridge.set_media(None)
@@ -99,6 +105,7 @@ class VisionLanguageModel(nn.Module):
         pixel_values: Tensor | None = None,
         image_features: Tensor | None = None,
         image_index: Tensor | None = None,
+        image_attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The LM's input embeddings for ``input_ids`` with the images in place.
 
@@ -108,6 +115,9 @@ class VisionLanguageModel(nn.Module):
         """
         is_image = input_ids == self.image_token_id
         embeds = self.decoder.embed(input_ids)
+        if image_attention_mask is not None:
+            self._set_media_from_mask(pixel_values, image_features, image_attention_mask)
+            return embeds, is_image
         if image_features is None and pixel_values is not None:
             image_features = self.encoder(pixel_values)
         visual = self.bridge(image_features) if image_features is not None else None
@@ -119,6 +129,19 @@ class VisionLanguageModel(nn.Module):
         elif visual is not None:
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
         return embeds, is_image
+
+    def _set_media_from_mask(
+        self, pixel_values: Tensor | None, image_features: Tensor | None, image_attention_mask: Tensor
+    ) -> None:
+        if not self.bridge.cross_attention:
+            raise ValueError("image_attention_mask is for cross-attention (Flamingo / IDEFICS) bridges")
+        rows, n_img = image_attention_mask.shape[0], image_attention_mask.shape[-1]
+        if image_features is None:
+            if pixel_values is None or pixel_values.ndim != 5:
+                raise ValueError("with image_attention_mask, pass pixel_values as (B, n_img, 3, H, W)")
+            image_features = self.encoder(pixel_values.flatten(0, 1))
+        latents = self.bridge(image_features)
+        self.bridge.set_media_from_mask(latents.view(rows, n_img, *latents.shape[1:]), image_attention_mask)
 
     def _recompute_needs_media(self) -> bool:
         """Gradient checkpointing re-runs LM layers (and their cross-attention hooks) during

@@ -33,6 +33,9 @@ class PerceiverConfig:
         placement: ``"first"`` puts it before layer ``i`` when ``i % k == 0`` (IDEFICS);
             ``"last"`` when ``(i + 1) % k == 0`` (open_flamingo).
         xattn_heads, xattn_head_dim, xattn_mlp_ratio: gated cross-attention sizes.
+        xattn_norm: the gated blocks' norms, ``"layernorm"`` (open_flamingo) or ``"rmsnorm"``
+            (IDEFICS, with ``xattn_norm_eps``).
+        xattn_mlp: the gated blocks' MLP, ``"gelu"`` (open_flamingo) or ``"swiglu"`` (IDEFICS).
     """
 
     name: str = "perceiver"
@@ -47,6 +50,28 @@ class PerceiverConfig:
     xattn_heads: int = 8
     xattn_head_dim: int = 64
     xattn_mlp_ratio: float = 4.0
+    xattn_norm: str = "layernorm"
+    xattn_norm_eps: float = 1e-5
+    xattn_mlp: str = "gelu"
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, the Llama MLP (IDEFICS's gated blocks)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _norm(dim: int, config: PerceiverConfig) -> nn.Module:
+    if config.xattn_norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.xattn_norm_eps)
+    return nn.LayerNorm(dim, eps=config.xattn_norm_eps)
 
 
 def _mlp(dim: int, ratio: float, act: str) -> nn.Sequential:
@@ -96,7 +121,7 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def __init__(self, dim: int, media_dim: int, config: PerceiverConfig):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(dim)
+        self.attn_norm = _norm(dim, config)
         self.attn = MultiHeadAttention(
             dim,
             config.xattn_heads,
@@ -106,7 +131,10 @@ class GatedCrossAttentionBlock(nn.Module):
             out_bias=False,
         )
         self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.mlp = _mlp(dim, config.xattn_mlp_ratio, "gelu")
+        if config.xattn_mlp == "swiglu":
+            self.mlp = nn.Sequential(_norm(dim, config), SwiGLU(dim, int(dim * config.xattn_mlp_ratio)))
+        else:
+            self.mlp = _mlp(dim, config.xattn_mlp_ratio, "gelu")
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, h: Tensor, media: Media | None) -> Tensor:
@@ -165,6 +193,10 @@ class PerceiverBridge(Bridge):
             )
         if config.mlp_act not in _ACTIVATIONS:
             raise ConfigError(f"bridge.mlp_act must be one of {sorted(_ACTIVATIONS)}")
+        if config.xattn_norm not in ("layernorm", "rmsnorm") or config.xattn_mlp not in ("gelu", "swiglu"):
+            raise ConfigError(
+                "bridge.xattn_norm must be 'layernorm' or 'rmsnorm', and bridge.xattn_mlp 'gelu' or 'swiglu'"
+            )
         self.config = config
         self.resampler = PerceiverResampler(vision_dim, config)
         offset = 0 if config.placement == "first" else k - 1
@@ -209,6 +241,28 @@ class PerceiverBridge(Bridge):
         media = latents.new_zeros(image_positions.shape[0], n_max, *latents.shape[1:])
         media[torch.arange(n_max, device=counts.device)[None] < counts[:, None]] = latents
         self._media = Media(media, image_positions.long().cumsum(1))
+
+    def set_media_from_mask(self, latents: Tensor, image_attention_mask: Tensor) -> None:
+        """What the LM attends to, given as IDEFICS does.
+
+        Args:
+            latents: ``(B, n_img, M, D)``, each row's images (rows may carry padding images).
+            image_attention_mask: ``(B, T, n_img)``, 1 where a token may attend to an image. Each
+                token may see at most one image (the most recent one, as vlm's processor builds it).
+        """
+        if image_attention_mask.shape[-1] != latents.shape[1]:
+            raise ValueError(
+                f"image_attention_mask has {image_attention_mask.shape[-1]} image columns but "
+                f"{latents.shape[1]} images per row were given"
+            )
+        seen = image_attention_mask.bool()
+        if (seen.sum(-1) > 1).any():
+            raise ValueError(
+                "image_attention_mask lets a token attend to several images; vlm attends to the most "
+                "recent image only (build the mask with only the latest image per token)"
+            )
+        index = torch.where(seen.any(-1), seen.long().argmax(-1) + 1, 0)
+        self._media = Media(latents, index)
 
     def repeat_media(self, times: int) -> None:
         """Each row's media repeated ``times`` (beam search expands rows that way)."""

@@ -23,6 +23,13 @@ class ViTConfig:
         feature_layer: hidden state to return (``-2`` = penultimate block, as LLaVA).
         keep_class_token: return the class token before the patch tokens.
         final_norm: apply the final LayerNorm to the returned features (BLIP-2 style).
+        act: MLP activation: ``"gelu"``, ``"quick_gelu"`` (OpenAI CLIP) or ``"gelu_tanh"``.
+        pre_norm: a LayerNorm after the embeddings (CLIP); BLIP-2's EVA ViT has none.
+        patch_bias: a bias on the patch embedding (BLIP-2).
+        stem: ``"patch"`` embeds each patch with one strided convolution (ViT, CLIP);
+            ``"conv"`` with stride-2 3x3 convolutions down to the patch grid, which trains much
+            faster from scratch (Xiao et al. 2021, "Early convolutions help transformers see
+            better"); needs a power-of-two patch size.
         checkpoint: a local ``.safetensors`` file of this encoder's weights.
         freeze: keep the encoder's weights fixed in training.
     """
@@ -38,25 +45,63 @@ class ViTConfig:
     feature_layer: int = -2
     keep_class_token: bool = False
     final_norm: bool = False
+    act: str = "gelu"
+    pre_norm: bool = True
+    patch_bias: bool = False
+    stem: str = "patch"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     checkpoint: str | None = None
     freeze: bool = True
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, the activation of OpenAI's CLIP towers."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "quick_gelu": QuickGELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
 class Block(nn.Module):
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, eps: float, act: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = MultiHeadAttention(width, num_heads)
         self.norm2 = nn.LayerNorm(width, eps=eps)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return x
+
+
+def _stem(config: ViTConfig) -> nn.Module:
+    """Image ``(B, 3, H, W)`` to patch embeddings ``(B, width, H / patch, W / patch)``."""
+    if config.stem == "patch":
+        return nn.Conv2d(3, config.width, config.patch_size, config.patch_size, bias=config.patch_bias)
+    steps = config.patch_size.bit_length() - 1
+    if config.stem != "conv" or 2**steps != config.patch_size:
+        raise ConfigError(
+            f"encoder.stem must be 'patch' or 'conv' (with a power-of-two patch_size), got "
+            f"stem={config.stem!r}, patch_size={config.patch_size}"
+        )
+    layers: list[nn.Module] = []
+    channels = 3
+    for i in range(steps):  # widths width/2^(steps-1) ... width, each halving the resolution
+        out = max(config.width >> (steps - 1 - i), 16)
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+        channels = out
+    layers.append(nn.Conv2d(channels, config.width, 1))
+    return nn.Sequential(*layers)
 
 
 @register_encoder("vit", ViTConfig)
@@ -76,14 +121,18 @@ class ViTEncoder(ImageEncoder):
                 f"encoder.width={config.width} is not divisible by encoder.num_heads="
                 f"{config.num_heads}; pick a head count that divides the width"
             )
+        if config.act not in ACTIVATIONS:
+            raise ConfigError(f"encoder.act must be one of {sorted(ACTIVATIONS)}, got {config.act!r}")
         self.config = config
         self.grid = config.image_size // config.patch_size
-        self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, config.patch_size, bias=False)
+        self.patch_embed = _stem(config)
         self.class_token = nn.Parameter(torch.randn(config.width) * config.width**-0.5)
         self.pos_embed = nn.Parameter(torch.randn(self.grid**2 + 1, config.width) * 0.02)
-        self.norm_pre = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.norm_pre = (
+            nn.LayerNorm(config.width, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
+        )
         self.blocks = nn.ModuleList(
-            Block(config.width, config.num_heads, config.mlp_ratio, config.layer_norm_eps)
+            Block(config.width, config.num_heads, config.mlp_ratio, config.layer_norm_eps, config.act)
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)

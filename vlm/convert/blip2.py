@@ -1,0 +1,95 @@
+"""transformers' ``Blip2ForConditionalGeneration``: EVA ViT, Q-Former, language projection, OPT
+(or any causal LM; T5's encoder-decoder is not a causal LM and is refused)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.bridges.qformer import QFormerConfig
+from vlm.config import ConfigError, ModelConfig
+from vlm.convert import register_converter
+from vlm.convert.common import fuse, load_exact, read_weights, select, vit_config, vit_state
+from vlm.decoders.hf import HFDecoderConfig
+from vlm.model import VisionLanguageModel, build_model
+
+LANGUAGE = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
+
+
+@register_converter("Blip2ForConditionalGeneration")
+def convert_blip2(path: Path, hf: Any) -> VisionLanguageModel:
+    vision, qformer, text = hf.vision_config, hf.qformer_config, hf.text_config
+    if getattr(text, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"BLIP-2 with a {text.model_type!r} encoder-decoder LM is not supported; vlm's decoders "
+            "are causal LMs (BLIP-2 OPT checkpoints convert)"
+        )
+    if qformer.hidden_act != "gelu":
+        raise ConfigError(f"a Q-Former with hidden_act={qformer.hidden_act!r} is not supported (gelu only)")
+    config = ModelConfig(
+        # BLIP-2 feeds the Q-Former the last layer, class token included, after the final norm.
+        encoder=vit_config(
+            vision,
+            path,
+            feature_layer=-1,
+            keep_class_token=True,
+            final_norm=True,
+            pre_norm=False,
+            patch_bias=True,
+        ),
+        bridge=QFormerConfig(
+            num_queries=hf.num_query_tokens,
+            hidden_size=qformer.hidden_size,
+            num_layers=qformer.num_hidden_layers,
+            num_heads=qformer.num_attention_heads,
+            intermediate_size=qformer.intermediate_size,
+            cross_attention_frequency=qformer.cross_attention_frequency,
+            layer_norm_eps=qformer.layer_norm_eps,
+        ),
+        decoder=HFDecoderConfig(hf_config=text.to_dict(), freeze=True),
+        image_token_id=hf.image_token_id,
+    )
+    model = build_model(config)
+    weights = read_weights(path)
+    vit = vit_state(select(weights, {"vision_model.": ""}), vision.num_hidden_layers)
+    load_exact(model.encoder, vit, "vision tower")
+    load_exact(model.bridge, _qformer_state(weights, qformer.num_hidden_layers), "Q-Former")
+    load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
+    return model
+
+
+def _qformer_state(weights: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    w = select(
+        weights,
+        {"qformer.": "", "query_tokens": "query_tokens", "language_projection.": "language_projection."},
+    )
+    rename = {
+        "layernorm.": "embed_norm.",
+        "query_tokens": "query_tokens",
+        "language_projection.": "language_projection.",
+    }
+    for i in range(depth):
+        src, dst = f"encoder.layer.{i}.", f"layers.{i}."
+        self_attn, cross = f"{src}attention.attention", f"{src}crossattention.attention"
+        for kind in ("weight", "bias"):
+            w[f"{self_attn}.qkv.{kind}"] = torch.cat(
+                [w.pop(f"{self_attn}.{p}.{kind}") for p in ("query", "key", "value")]
+            )
+        fuse(w, f"{cross}.key", f"{cross}.value", f"{cross}.kv")
+        rename |= {
+            f"{self_attn}.qkv.": f"{dst}self_attn.qkv.",
+            f"{src}attention.output.dense.": f"{dst}self_attn.out.",
+            f"{src}attention.output.LayerNorm.": f"{dst}self_norm.",
+            f"{cross}.query.": f"{dst}cross_attn.q.",
+            f"{cross}.kv.": f"{dst}cross_attn.kv.",
+            f"{src}crossattention.output.dense.": f"{dst}cross_attn.out.",
+            f"{src}crossattention.output.LayerNorm.": f"{dst}cross_norm.",
+            f"{src}intermediate_query.dense.": f"{dst}ffn.0.",
+            f"{src}output_query.dense.": f"{dst}ffn.2.",
+            f"{src}output_query.LayerNorm.": f"{dst}ffn_norm.",
+        }
+    # The Q-Former's text path (embeddings, ``intermediate`` / ``output``) never runs for BLIP-2's
+    # LM-facing queries, so it has no counterpart in vlm and is dropped here.
+    return select(w, rename)

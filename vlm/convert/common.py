@@ -1,0 +1,149 @@
+"""What every converter needs: reading transformers weights, renaming them, loading them exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vlm.config import ConfigError
+from vlm.encoders.base import CLIP_MEAN, CLIP_STD
+from vlm.encoders.vit import ViTConfig
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a transformers directory: ``model.safetensors``, its sharded index, or
+    ``pytorch_model.bin``."""
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(path / f).items()}
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ConfigError(
+        f"no weights in {str(path)!r}: expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin"
+    )
+
+
+def select(weights: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Tensor]:
+    """The tensors under any of ``prefixes`` (old -> new; the first match renames a key)."""
+    out = {}
+    for key, value in weights.items():
+        for old, new in prefixes.items():
+            if key.startswith(old):
+                out[new + key[len(old) :]] = value
+                break
+    return out
+
+
+def load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Loads ``state`` into ``module``; every parameter must be covered (a tied weight under
+    either of its names) and every tensor used."""
+    result = module.load_state_dict(state, strict=False)
+    alias = {name: id(p) for name, p in module.named_parameters(remove_duplicate=False)}
+    loaded = {alias[k] for k in state if k in alias}
+    missing = [k for k in result.missing_keys if alias.get(k) not in loaded]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"the checkpoint's {what} weights do not fit: missing {missing[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]}"
+        )
+
+
+def image_stats(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation in ``preprocessor_config.json``, or CLIP's (what these models use)."""
+    file = path / "preprocessor_config.json"
+    if file.is_file():
+        pre = json.loads(file.read_text())
+        if "image_mean" in pre and "image_std" in pre:
+            return tuple(pre["image_mean"]), tuple(pre["image_std"])
+    return CLIP_MEAN, CLIP_STD
+
+
+def vit_config(vision: Any, path: Path, **options: Any) -> ViTConfig:
+    """vlm's ViT with the sizes of a transformers CLIP-like vision config."""
+    width = getattr(vision, "hidden_size", None) or vision.embed_dim
+    mean, std = image_stats(path)
+    return ViTConfig(
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        width=width,
+        depth=vision.num_hidden_layers,
+        num_heads=vision.num_attention_heads,
+        mlp_ratio=vision.intermediate_size / width,
+        layer_norm_eps=vision.layer_norm_eps,
+        act={"gelu_pytorch_tanh": "gelu_tanh"}.get(vision.hidden_act, vision.hidden_act),
+        mean=mean,
+        std=std,
+        freeze=True,
+        **options,
+    )
+
+
+def vit_state(weights: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """A CLIP-like vision tower's tensors (transformers names, prefix removed) as vlm ViT's."""
+    w = dict(weights)
+    out = {
+        "class_token": w.pop("embeddings.class_embedding").reshape(-1),
+        "pos_embed": _position_table(w),
+        "patch_embed.weight": w.pop("embeddings.patch_embedding.weight"),
+    }
+    rename = {
+        "pre_layrnorm.": "norm_pre.",
+        "post_layernorm.": "norm.",
+        "embeddings.patch_embedding.": "patch_embed.",
+    }
+    for i in range(depth):
+        src, dst = f"encoder.layers.{i}.", f"blocks.{i}."
+        if f"{src}self_attn.qkv.weight" not in w:  # CLIP: separate q, k, v; BLIP-2 stores qkv fused
+            for kind in ("weight", "bias"):
+                w[f"{src}self_attn.qkv.{kind}"] = torch.cat(
+                    [w.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+                )
+        rename |= {
+            f"{src}self_attn.qkv.": f"{dst}attn.qkv.",
+            f"{src}self_attn.out_proj.": f"{dst}attn.out.",
+            f"{src}self_attn.projection.": f"{dst}attn.out.",
+            f"{src}layer_norm1.": f"{dst}norm1.",
+            f"{src}layer_norm2.": f"{dst}norm2.",
+            f"{src}mlp.fc1.": f"{dst}mlp.0.",
+            f"{src}mlp.fc2.": f"{dst}mlp.2.",
+        }
+    return out | select(w, rename)
+
+
+def _position_table(w: dict[str, Tensor]) -> Tensor:
+    table = w.pop("embeddings.position_embedding.weight", None)
+    if table is None:  # BLIP-2 keeps it as a bare (1, N, D) parameter
+        table = w.pop("embeddings.position_embedding")
+    w.pop("embeddings.position_ids", None)  # a buffer in old checkpoints
+    return table.reshape(-1, table.shape[-1])
+
+
+def fuse(w: dict[str, Tensor], first: str, second: str, into: str) -> None:
+    """Concatenates the weight and bias of two projections (k and v) into one (``kv``)."""
+    for kind in ("weight", "bias"):
+        if f"{first}.{kind}" in w:
+            w[f"{into}.{kind}"] = torch.cat([w.pop(f"{first}.{kind}"), w.pop(f"{second}.{kind}")])
+
+
+def image_token_from_tokenizer(path: Path, token: str = "<image>") -> int:
+    """The id of ``token`` in the tokenizer saved beside a checkpoint."""
+    from vlm.hub import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(path)
+    except ConfigError as err:
+        raise ConfigError(f"{err}: the checkpoint's tokenizer names the {token} token's id") from err
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ConfigError(f"the tokenizer in {str(path)!r} has no {token} token")
+    return token_id

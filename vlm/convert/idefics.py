@@ -1,0 +1,154 @@
+"""transformers' ``IdeficsForVisionText2Text`` (Flamingo): CLIP tower, Perceiver resampler, and
+a Llama decoder with gated cross-attention before every ``cross_layer_interval``-th layer.
+
+The decoder becomes a plain transformers ``LlamaForCausalLM`` (IDEFICS's decoder layers are
+Llama's); the gated layers become vlm's perceiver bridge blocks with IDEFICS's RMSNorm and
+SwiGLU MLP. IDEFICS's decoupled extra embeddings (``additional_vocab_size``) are appended to
+the embedding and output tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.bridges.perceiver import PerceiverConfig
+from vlm.config import ConfigError, ModelConfig
+from vlm.convert import register_converter
+from vlm.convert.common import (
+    fuse,
+    image_token_from_tokenizer,
+    load_exact,
+    read_weights,
+    select,
+    vit_config,
+    vit_state,
+)
+from vlm.decoders.hf import HFDecoderConfig
+from vlm.model import VisionLanguageModel, build_model
+
+
+@register_converter("IdeficsForVisionText2Text")
+def convert_idefics(path: Path, hf: Any) -> VisionLanguageModel:
+    vision, perceiver = hf.vision_config, hf.perceiver_config
+    unsupported = {
+        "use_resampler=False": not hf.use_resampler,
+        "qk_layer_norms=True": hf.qk_layer_norms,
+        "qk_layer_norms_perceiver=True": perceiver.qk_layer_norms_perceiver,
+        f"alpha_type={hf.alpha_type!r}": hf.alpha_type != "float",
+        f"hidden_act={hf.hidden_act!r}": hf.hidden_act != "silu",
+    }
+    if any(unsupported.values()):
+        raise ConfigError(
+            "this IDEFICS checkpoint uses "
+            + ", ".join(k for k, v in unsupported.items() if v)
+            + ", which vlm does not convert"
+        )
+    heads = hf.num_attention_heads
+    config = ModelConfig(
+        # IDEFICS resamples the last layer's tokens, class token included, without the final norm.
+        encoder=vit_config(vision, path, feature_layer=-1, keep_class_token=True),
+        bridge=PerceiverConfig(
+            num_latents=perceiver.resampler_n_latents,
+            depth=perceiver.resampler_depth,
+            num_heads=perceiver.resampler_n_heads,
+            head_dim=perceiver.resampler_head_dim,
+            mlp_ratio=4.0,
+            mlp_act="relu",
+            cross_attention_interval=hf.cross_layer_interval,
+            placement="first",
+            xattn_heads=heads,
+            xattn_head_dim=hf.hidden_size // heads,
+            xattn_mlp_ratio=hf.intermediate_size / hf.hidden_size,
+            xattn_norm="rmsnorm",
+            xattn_norm_eps=hf.rms_norm_eps,
+            xattn_mlp="swiglu",
+        ),
+        decoder=HFDecoderConfig(hf_config=_llama_config(hf), freeze=True),
+        image_token_id=image_token_from_tokenizer(path),
+    )
+    model = build_model(config)
+    weights = read_weights(path)
+    vit = vit_state(select(weights, {"model.vision_model.": ""}), vision.num_hidden_layers)
+    load_exact(model.encoder, vit, "vision tower")
+    load_exact(model.bridge, _bridge_state(weights, hf), "resampler and gated cross-attention")
+    load_exact(model.decoder.lm, _language_state(weights), "language model")
+    return model
+
+
+def _llama_config(hf: Any) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "vocab_size": hf.vocab_size + hf.additional_vocab_size,
+        "hidden_size": hf.hidden_size,
+        "intermediate_size": hf.intermediate_size,
+        "num_hidden_layers": hf.num_hidden_layers,
+        "num_attention_heads": hf.num_attention_heads,
+        "num_key_value_heads": hf.num_attention_heads,
+        "hidden_act": hf.hidden_act,
+        "max_position_embeddings": hf.max_position_embeddings,
+        "rms_norm_eps": hf.rms_norm_eps,
+        "rope_parameters": dict(hf.rope_parameters),
+        "tie_word_embeddings": False,
+        "pad_token_id": hf.pad_token_id,
+        "bos_token_id": hf.bos_token_id,
+        "eos_token_id": hf.eos_token_id,
+    }
+
+
+def _language_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    w = select(weights, {"model.embed_tokens.": "embed.", "lm_head.": "head.", "model.": "model."})
+    w = {
+        k: v
+        for k, v in w.items()
+        if not k.startswith(
+            ("model.vision_model.", "model.perceiver_resampler.", "model.gated_cross_attn_layers.")
+        )
+    }
+    # Decoupled tables: the extra tokens' rows follow the main vocabulary's.
+    w["model.embed_tokens.weight"] = _cat(
+        w.pop("embed.weight"), w.pop("embed.additional_embedding.weight", None)
+    )
+    w["lm_head.weight"] = _cat(w.pop("head.weight"), w.pop("head.additional_fc.weight", None))
+    return w
+
+
+def _cat(main: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    return main if extra is None else torch.cat([main, extra])
+
+
+def _bridge_state(weights: dict[str, torch.Tensor], hf: Any) -> dict[str, torch.Tensor]:
+    w = select(
+        weights, {"model.perceiver_resampler.": "resampler.", "model.gated_cross_attn_layers.": "gated."}
+    )
+    rename = {"resampler.latents": "resampler.latents", "resampler.layer_norm.": "resampler.norm."}
+    for i in range(hf.perceiver_config.resampler_depth):
+        src, dst = f"resampler.blocks.{i}.", f"resampler.layers.{i}."
+        fuse(w, f"{src}0.k_proj", f"{src}0.v_proj", f"{src}0.kv")
+        rename |= {
+            f"{src}0.context_layer_norm.": f"{dst}norm_media.",
+            f"{src}0.latents_layer_norm.": f"{dst}norm_latents.",
+            f"{src}0.q_proj.": f"{dst}attn.q.",
+            f"{src}0.kv.": f"{dst}attn.kv.",
+            f"{src}0.output_proj.": f"{dst}attn.out.",
+            f"{src}1.ln.": f"{dst}mlp.0.",
+            f"{src}1.fc.": f"{dst}mlp.1.",
+            f"{src}1.c_proj.": f"{dst}mlp.3.",
+        }
+    for j in range(hf.num_hidden_layers // hf.cross_layer_interval):
+        # IDEFICS's j-th gated layer runs before decoder layer j * interval: vlm's block of that layer.
+        src, dst = f"gated.{j}.", f"blocks.{j * hf.cross_layer_interval}."
+        fuse(w, f"{src}cross_attn.k_proj", f"{src}cross_attn.v_proj", f"{src}cross_attn.kv")
+        rename |= {
+            f"{src}alpha_cross_attn": f"{dst}attn_gate",
+            f"{src}alpha_dense": f"{dst}mlp_gate",
+            f"{src}input_layernorm.": f"{dst}attn_norm.",
+            f"{src}cross_attn.q_proj.": f"{dst}attn.q.",
+            f"{src}cross_attn.kv.": f"{dst}attn.kv.",
+            f"{src}cross_attn.o_proj.": f"{dst}attn.out.",
+            f"{src}post_attention_layernorm.": f"{dst}mlp.0.",
+            f"{src}mlp.": f"{dst}mlp.1.",
+        }
+    return select(w, rename)
