@@ -36,6 +36,28 @@ def test_forward_backward_every_combination(encoder, bridge, decoder):
         assert torch.isfinite(p.grad).all(), f"bridge parameter {name} has a non-finite gradient"
 
 
+@pytest.mark.parametrize("decoder", ["gpt2", "llama"])
+@pytest.mark.parametrize("bridge", ["mlp2x_gelu", "perceiver"])
+def test_answer_only_logits_give_the_same_loss_and_gradients(bridge, decoder):
+    """``full_logits=False`` (what training uses) runs the LM head at labelled positions only and
+    must not change the loss or any gradient."""
+    model = build_model(tiny.model_config("vit", bridge, decoder))
+    batch = tiny.make_batch(model, images_per_row=(1, 2))
+    losses, grads = [], []
+    for full in (True, False):
+        model.zero_grad()
+        out = model(**batch, full_logits=full)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0])
+    assert grads[1].keys() == grads[0].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+    kept = model(**batch, full_logits=False).logits.shape[1]
+    assert kept < batch["input_ids"].shape[1]  # the image and prompt positions were skipped
+
+
 @pytest.mark.parametrize("decoder", tiny.DECODERS)
 def test_decoder_uses_sdpa(decoder):
     """The HF decoder runs with the fused SDPA attention by default."""

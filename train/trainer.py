@@ -253,7 +253,7 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
                 else wrapped.no_sync()
             )
             with sync, _autocast(run.precision, env.device):
-                summed = wrapped(**inputs, loss_reduction="sum").loss
+                summed = wrapped(**inputs, loss_reduction="sum", full_logits=False).loss
             # DDP averages gradients over ranks, hence the world size factor.
             (summed * (env.world_size / max(tokens, 1))).backward()
             loss_sum += summed.detach().double().cpu()

@@ -21,7 +21,8 @@ IGNORE_INDEX = -100  # label of positions that do not count in the loss
 
 @dataclass
 class VLMOutput:
-    """``logits`` ``(B, T, vocab)``; ``loss`` when labels were given."""
+    """``logits`` ``(B, T, vocab)`` (fewer positions with ``full_logits=False``); ``loss`` when
+    labels were given."""
 
     logits: Tensor
     loss: Tensor | None = None
@@ -64,6 +65,7 @@ class VisionLanguageModel(nn.Module):
         image_index: Tensor | None = None,
         image_attention_mask: Tensor | None = None,
         loss_reduction: str = "mean",
+        full_logits: bool = True,
     ) -> VLMOutput:
         """Logits, and the loss when ``labels`` are given.
 
@@ -84,18 +86,35 @@ class VisionLanguageModel(nn.Module):
                 each token attends to, instead of placeholders locating the images.
             loss_reduction: ``"mean"`` over counted tokens, or ``"sum"`` (the trainer divides
                 by the token count of the whole global batch).
+            full_logits: with ``labels``, ``False`` runs the LM head only at the positions that
+                predict a labelled token (any row's): the same loss for much less work, and
+                ``logits`` ``(B, K, vocab)`` hold those ``K`` positions only. Training uses it.
         """
         embeds, is_image = self.prepare_inputs(
             input_ids, pixel_values, image_features, image_index, image_attention_mask
         )
-        out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False)
-        if self.bridge.cross_attention and not self._recompute_needs_media():
-            self.bridge.set_media(None)
-        loss = None
+        keep = None
         if labels is not None:
             labels = labels.masked_fill(is_image, IGNORE_INDEX)
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+            if not full_logits and self.decoder.supports_logits_to_keep:
+                # Position t predicts token t + 1: only positions before an answer token need the
+                # LM head, which saves most of its FLOPs and memory behind long image prefixes.
+                keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        extra = {} if keep is None else {"logits_to_keep": keep}
+        out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False, **extra)
+        if self.bridge.cross_attention and not self._recompute_needs_media():
+            self.bridge.set_media(None)
+        loss = None
+        if keep is not None:
+            loss = F.cross_entropy(
+                out.logits.flatten(0, 1).float(),
+                labels[:, 1:][:, keep].flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction=loss_reduction,
+            )
+        elif labels is not None:
             loss = answer_loss(out.logits, labels, reduction=loss_reduction)
         return VLMOutput(logits=out.logits, loss=loss)
 

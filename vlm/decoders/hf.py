@@ -108,6 +108,7 @@ class HFDecoder(nn.Module):
         # The forward argument that takes the KV cache (renamed ``cache`` in recent transformers).
         parameters = inspect.signature(self.lm.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self.supports_logits_to_keep = "logits_to_keep" in parameters
         rows = self.lm.get_input_embeddings().num_embeddings
         self.image_token_id = rows if image_token_id is None else image_token_id
         if self.image_token_id >= rows:
