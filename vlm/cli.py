@@ -206,6 +206,16 @@ def _save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """vlm against transformers' LLaVA / BLIP-2 / IDEFICS on the same weights (eval/bench.py)."""
+    from eval.bench import run
+
+    _, path = run(args.models, size=args.size, device=args.device, out=args.out, iters=args.iters)
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Vision-language models: train, caption, ask.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_eval)
+
+    bench = commands.add_parser("bench", help="time vlm against transformers' LLaVA, BLIP-2 and IDEFICS")
+    bench.add_argument(
+        "--models", nargs="+", default=["llava", "blip2", "idefics"], choices=["llava", "blip2", "idefics"]
+    )
+    bench.add_argument(
+        "--size", default="small", choices=["tiny", "small", "large"], help="small: CPU; large: GPU"
+    )
+    bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    bench.add_argument("--iters", type=int, default=6, help="timed rounds per measurement")
+    bench.add_argument("--out", default="eval/results", help="where bench-<device>.json/.md go")
+    bench.set_defaults(func=_bench)
 
     save = commands.add_parser(
         "save", help="write a model (vlm, or transformers LLaVA / BLIP-2 / IDEFICS) in vlm's format"

@@ -46,6 +46,13 @@ class VisionLanguageModel(nn.Module):
         self.encoder, self.bridge, self.decoder = encoder, bridge, decoder
         self.image_token_id = decoder.image_token_id
         self.tokens_per_image = bridge.tokens_per_image(encoder.num_tokens)
+        # transformers 5 renamed the flag; the old name still works but warns.
+        lm_type = type(decoder.lm)
+        self._checkpointing_flag = (
+            "is_activation_checkpointing"
+            if hasattr(lm_type, "is_activation_checkpointing")
+            else "is_gradient_checkpointing"
+        )
         if bridge.cross_attention:
             bridge.attach(decoder.layers())
         self.train()  # puts a frozen encoder in eval mode from the start
@@ -168,7 +175,7 @@ class VisionLanguageModel(nn.Module):
         return (
             self.training
             and torch.is_grad_enabled()
-            and bool(getattr(self.decoder.lm, "is_gradient_checkpointing", False))
+            and bool(getattr(self.decoder.lm, self._checkpointing_flag, False))
         )
 
     def train(self, mode: bool = True) -> VisionLanguageModel:

@@ -1,0 +1,54 @@
+"""The benchmark's correctness guard and its report (tiny size: seconds on a CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eval import bench
+
+
+@pytest.mark.parametrize("name", bench.MODELS)
+def test_guard_passes_on_converted_weights_and_catches_a_difference(name, tmp_path):
+    size = bench.SIZES["tiny"]
+    hf_model, model, _ = bench.model_pair(name, size, tmp_path)
+    inputs = bench.make_inputs(name, model, size, 2, answer=size.answer)
+    guard = bench.check_parity(name, hf_model, model, inputs, atol=1e-4)
+    assert guard["max_logit_diff"] <= 1e-4 and guard["loss_diff"] <= 1e-4
+    with torch.no_grad():  # one connector weight off: the race must refuse to start
+        weight = next(model.bridge.parameters())
+        weight.add_(torch.randn_like(weight) * 0.5)
+    with pytest.raises(AssertionError, match="disagree"):
+        bench.check_parity(name, hf_model, model, inputs, atol=1e-4)
+
+
+def test_connector_only_training_leaves_the_rest_frozen(tmp_path):
+    size = bench.SIZES["tiny"]
+    hf_model, model, _ = bench.model_pair("blip2", size, tmp_path)
+    ours = bench.set_trainable("blip2", model, "connector", ours=True)
+    theirs = bench.set_trainable("blip2", hf_model, "connector", ours=False)
+    # The same tensors train on both sides (query tokens, Q-Former, projection), minus the
+    # Q-Former's text-only path, which vlm does not carry.
+    assert {id(p) for p in ours} == {id(p) for p in model.bridge.parameters()}
+    assert hf_model.language_model.lm_head.weight.requires_grad is False
+    assert all(p.requires_grad for p in hf_model.qformer.parameters())
+    assert len(theirs) > len(ours) > 0
+
+
+def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
+    results, path = bench.run(["llava"], size="tiny", device="cpu", out=tmp_path, iters=1)
+    data = json.loads(path.read_text())
+    measures = [row["measure"] for row in data["rows"]]
+    assert measures == [
+        "train step, connector trainable",
+        "train step, full trainable",
+        "generate 8 tokens, batch 1",
+        "generate 8 tokens, batch 16",
+    ]
+    for row in data["rows"]:
+        assert row["ratio"] == pytest.approx(row["vlm"] / row["transformers"])
+        assert row["vlm"] > 0 and row["transformers"] > 0
+    assert data["guards"]["llava"]["max_logit_diff"] <= 1e-4
+    assert "| llava | train step, full trainable |" in path.with_suffix(".md").read_text()
