@@ -357,6 +357,7 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
     model.requires_grad_(False), hf_model.requires_grad_(False)
     if dtype != torch.float32:  # generation runs in the benchmark's precision, weights cast
         hf_model.to(dtype), model.to(dtype)
+    n = size.gen_tokens
     for rows_n in (1, 16):
         prompt = make_inputs(name, model, size, rows_n, answer=0, seed=1)
         hf_p, our_p = to(prompt.hf), to(prompt.ours)
@@ -365,7 +366,6 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
                 hf_p["pixel_values"].to(dtype),
                 our_p["pixel_values"].to(dtype),
             )
-        n = size.gen_tokens
         steps = {
             "vlm": lambda our_p=our_p: generate(model, **our_p, max_new_tokens=n),
             "transformers": lambda hf_p=hf_p: hf_model.generate(
@@ -439,9 +439,8 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---:|---:|---|---:|",
     ]
     for r in results["rows"]:
-        lines.append(
-            f"| {r['model']} | {r['measure']} | {r['vlm']:.2f} | {r['transformers']:.2f} | {r['unit']} | {r['ratio']:.2f} |"
-        )
+        cells = [r["model"], r["measure"], f"{r['vlm']:.2f}", f"{r['transformers']:.2f}", r["unit"]]
+        lines.append("| " + " | ".join(cells) + f" | {r['ratio']:.2f} |")
     lines += [
         "",
         "Correctness guard (before timing, same weights): "
