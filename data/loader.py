@@ -55,8 +55,10 @@ class ExampleStream(IterableDataset):
         tasks: which examples to draw from each sample.
         rank, world_size: deal examples round robin to ranks (with every rank reading all
             shards): any world size then sees the same global batches as one process.
-        pack_turns: put all of a sample's examples in one multi-turn sequence (in an order
-            shuffled per sample and epoch): the images and their tokens are paid for once.
+        pack_turns: put all of a sample's examples in one sequence that shares the image prefix
+            (turns in an order shuffled per sample and epoch; see ``Processor.encode_turns``):
+            the images and their tokens are paid for once, and each turn still sees only the
+            images and itself.
     """
 
     def __init__(

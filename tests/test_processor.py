@@ -156,3 +156,41 @@ def test_turns_share_one_image_and_every_answer_is_labelled():
     proc.max_length = len(ids) - 1  # the second turn no longer fits: dropped and counted
     assert proc.encode_turns(turns)["input_ids"] == proc.encode("caption", answer="a red square")["input_ids"]
     assert proc.truncated == 1
+
+
+@pytest.mark.parametrize("bridge", ["mlp2x_gelu", "perceiver"])
+@pytest.mark.parametrize("decoder", ["gpt2", "llama", "opt"])
+def test_packed_turns_compute_exactly_what_separate_examples_compute(bridge, decoder):
+    """Each turn of a packed row sees the images and itself only: its loss and its logits equal
+    those of the turn encoded alone, so no answer can be read off an earlier turn's text."""
+    from vlm import build_model
+
+    tok = word_tokenizer()
+    config = tiny.model_config("vit", bridge, decoder)
+    config.decoder.hf_config = {**config.decoder.hf_config, "vocab_size": len(tok)}
+    config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    model = build_model(config).eval()
+    proc = Processor(tok, tokens_per_image=model.tokens_per_image)
+    turns = [
+        {"task": "caption", "answer": "a red square"},
+        {"task": "vqa", "question": "what color is it ?", "answer": "red"},
+        {"task": "vqa", "question": "what is it ?", "answer": "a square"},
+    ]
+    packed = proc.encode_turns(turns)
+    assert sorted(set(packed["segment_ids"])) == [0, 1, 2, 3]
+    pixels = torch.randn(1, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    batch = proc.pad([packed, proc.encode("caption", answer="a blue circle")])  # a padded plain row too
+    out = model(**batch, pixel_values=pixels.repeat(2, 1, 1, 1), loss_reduction="sum")
+
+    alone_sum = torch.zeros(())
+    for k, turn in enumerate(turns, start=1):
+        single = proc.encode(turn["task"], question=turn.get("question"), answer=turn["answer"])
+        single = proc.pad([single])
+        alone = model(**single, pixel_values=pixels, loss_reduction="sum")
+        alone_sum += alone.loss
+        where = torch.tensor(packed["segment_ids"]) == k
+        prefix = len(single["input_ids"][0]) - int(where.sum())
+        torch.testing.assert_close(out.logits[0, where], alone.logits[0, prefix:], atol=1e-5, rtol=1e-5)
+    plain = proc.pad([proc.encode("caption", answer="a blue circle")])
+    alone_sum += model(**plain, pixel_values=pixels, loss_reduction="sum").loss
+    torch.testing.assert_close(out.loss, alone_sum, atol=1e-4, rtol=1e-5)

@@ -24,18 +24,21 @@ class DataConfig:
         train, val: shard specs (files, directories, globs, brace patterns, URLs).
         tokenizer: a local tokenizer directory (it must hold, or will be given, ``<image>``).
         shapes: generate the shapes dataset in this directory when its shards are missing.
+        shapes_image_size: the side of the generated shapes images, in pixels.
         tasks: examples drawn from each sample: ``caption`` and/or ``vqa``.
         split: ``"shard"`` deals shards to ranks (scales, each sample once per epoch);
             ``"example"`` deals examples round robin, so any number of ranks sees the same
             global batches as one process.
-        pack_turns: one multi-turn sequence per sample (its caption and questions, shuffled)
-            instead of one sequence per example.
+        pack_turns: one sequence per sample, its caption and questions as turns after one
+            shared image prefix (each turn attends to the images and itself only), instead of
+            one sequence per example.
     """
 
     train: str = ""
     val: str = ""
     tokenizer: str = ""
     shapes: str = ""
+    shapes_image_size: int = 64
     tasks: list[str] = field(default_factory=lambda: ["caption", "vqa"])
     resize: str = "pad"
     max_length: int = 128

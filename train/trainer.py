@@ -37,7 +37,15 @@ from vlm.processor import IMAGE_TOKEN, Processor
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "labels", "image_features", "image_index")
+MODEL_INPUTS = (
+    "input_ids",
+    "pixel_values",
+    "attention_mask",
+    "labels",
+    "image_features",
+    "image_index",
+    "segment_ids",
+)
 
 
 class TrainingError(RuntimeError):
@@ -115,7 +123,7 @@ def prepare_data(recipe: Recipe, env: Dist) -> None:
     if env.is_main:
         from data.shapes import write_shapes
 
-        write_shapes(recipe.data.shapes, seed=recipe.run.seed)
+        write_shapes(recipe.data.shapes, seed=recipe.run.seed, image_size=recipe.data.shapes_image_size)
     if env.enabled:
         torch.distributed.barrier()
 

@@ -71,6 +71,7 @@ class VisionLanguageModel(nn.Module):
         image_features: Tensor | None = None,
         image_index: Tensor | None = None,
         image_attention_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
         loss_reduction: str = "mean",
         full_logits: bool = True,
     ) -> VLMOutput:
@@ -91,6 +92,9 @@ class VisionLanguageModel(nn.Module):
             image_attention_mask: IDEFICS-style inputs for a cross-attention bridge:
                 ``pixel_values`` ``(B, n_img, 3, H, W)`` and this ``(B, T, n_img)`` mask of the image
                 each token attends to, instead of placeholders locating the images.
+            segment_ids: ``(B, T)`` for rows packed as a shared prefix (0) followed by turns
+                (1, 2, ...; see ``Processor.encode_turns``): each turn attends to the prefix and
+                to itself, at positions continuing from the prefix.
             loss_reduction: ``"mean"`` over counted tokens, or ``"sum"`` (the trainer divides
                 by the token count of the whole global batch).
             full_logits: with ``labels``, ``False`` runs the LM head only at the positions that
@@ -110,7 +114,10 @@ class VisionLanguageModel(nn.Module):
                 # LM head, which saves most of its FLOPs and memory behind long image prefixes.
                 keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         extra = {} if keep is None else {"logits_to_keep": keep}
-        out = self.decoder(embeds, attention_mask=attention_mask, use_cache=False, **extra)
+        mask = attention_mask
+        if segment_ids is not None:
+            mask, extra["position_ids"] = turn_mask(segment_ids, attention_mask)
+        out = self.decoder(embeds, attention_mask=mask, use_cache=False, **extra)
         if self.bridge.cross_attention and not self._recompute_needs_media():
             self.bridge.set_media(None)
         loss = None
@@ -209,6 +216,20 @@ class VisionLanguageModel(nn.Module):
         from vlm.hub import from_pretrained
 
         return from_pretrained(path)
+
+
+def turn_mask(segment_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The ``(B, 1, T, T)`` boolean mask and ``(B, T)`` positions of rows packed as a shared prefix
+    (segment 0) plus turns: causal, and a turn sees only the prefix and itself."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    allowed = causal & ((key == 0) | (key == query))
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    # A token's position is the number of tokens it sees before it: the prefix, then its own turn.
+    positions = (allowed.sum(-1) - 1).clamp(min=0)
+    return allowed[:, None], positions
 
 
 def answer_loss(logits: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:

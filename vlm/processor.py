@@ -103,32 +103,41 @@ class Processor:
     def encode_turns(
         self, turns: list[dict[str, Any]], *, num_images: int = 1
     ) -> dict[str, list[int]] | None:
-        """Several (task, question, answer) turns about the same images in one sequence, the
-        images before the first turn; every answer is labelled. Turns that do not fit in
-        ``max_length`` are dropped (counted in ``truncated``); ``None`` when none fits."""
-        if self.chat:
-            raise ConfigError("packing turns needs plain prompt templates (chat=False)")
-        first = self.encode(
-            turns[0]["task"],
-            question=turns[0].get("question"),
-            answer=turns[0]["answer"],
-            num_images=num_images,
-        )
-        if first is None:
+        """Several (task, question, answer) turns about the same images in one sequence that
+        shares the image prefix: ``prefix + turn_1 + turn_2 + ...``.
+
+        ``segment_ids`` (0 on the prefix, ``k`` on turn ``k``) let the model attend from each turn
+        to the prefix and to itself only, with positions that continue from the prefix; each turn
+        is then computed exactly as if it were encoded alone (:meth:`encode`), but the images are
+        processed once. (Plain concatenation would let a question read earlier answers, e.g. the
+        caption, instead of the image.) Turns that do not fit in ``max_length`` are dropped
+        (counted in ``truncated``); ``None`` when none fits.
+        """
+        encoded = [
+            self.encode(t["task"], question=t.get("question"), answer=t["answer"], num_images=num_images)
+            for t in turns
+        ]
+        if encoded[0] is None:
             return None
-        ids, labels = list(first["input_ids"]), list(first["labels"])
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        for turn in turns[1:]:
-            prompt = self._ids(
-                self.prompt(turn["task"], question=turn.get("question"), num_images=0), special=False
-            )
-            answer = self._ids(turn["answer"], special=False) + eos
-            if len(ids) + len(prompt) + len(answer) > self.max_length:
+        ids = encoded[0]["input_ids"]
+        images = [i for i, token in enumerate(ids) if token == self.image_token_id]
+        prefix = images[-1] + 1 if images else 0  # everything up to the last image placeholder
+        ids, labels = list(ids), list(encoded[0]["labels"])
+        segments = [0] * prefix + [1] * (len(ids) - prefix)
+        for k, turn in enumerate(encoded[1:], start=2):
+            if turn is None or turn["input_ids"][:prefix] != ids[:prefix]:
+                raise ConfigError(
+                    "packing turns needs templates that start with the images ('{images}...') so "
+                    "that every turn shares them; set data.pack_turns = false"
+                )
+            suffix = turn["input_ids"][prefix:]
+            if len(ids) + len(suffix) > self.max_length:
                 self.truncated += 1
                 break
-            ids += prompt + answer
-            labels += [IGNORE_INDEX] * len(prompt) + answer
-        return {"input_ids": ids, "labels": labels}
+            ids += suffix
+            labels += turn["labels"][prefix:]
+            segments += [k] * len(suffix)
+        return {"input_ids": ids, "labels": labels, "segment_ids": segments}
 
     def pad(self, encoded: list[dict[str, list[int]]], *, side: str = "right") -> dict[str, torch.Tensor]:
         """Pads to the longest: ``side="right"`` for training, ``"left"`` for generation."""
@@ -141,6 +150,8 @@ class Processor:
         }
         if all("labels" in e for e in encoded):
             batch["labels"] = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+        if any("segment_ids" in e for e in encoded):  # a row without turns is one segment after its prefix
+            batch["segment_ids"] = torch.zeros(len(encoded), length, dtype=torch.long)
         for row, e in enumerate(encoded):
             n = len(e["input_ids"])
             cols = slice(length - n, length) if side == "left" else slice(0, n)
@@ -148,4 +159,6 @@ class Processor:
             batch["attention_mask"][row, cols] = 1
             if "labels" in batch:
                 batch["labels"][row, cols] = torch.tensor(e["labels"])
+            if "segment_ids" in batch:
+                batch["segment_ids"][row, cols] = torch.tensor(e.get("segment_ids", [1] * n))
         return batch
