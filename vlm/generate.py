@@ -83,12 +83,19 @@ class _Steps:
             position_ids=self._positions(self.mask),
             **{self.model.decoder.cache_argument: self.past},
             use_cache=True,
+            **self._last_only(),
         )
         return self._logits(out)
 
+    def _last_only(self) -> dict[str, int]:
+        """Only the last position's logits are needed: the LM head skips the rest of the prompt."""
+        return {"logits_to_keep": 1} if self.model.decoder.supports_logits_to_keep else {}
+
     def _full(self) -> Tensor:
         embeds, _ = self.model.prepare_inputs(self.input_ids, image_features=self._row_features())
-        out = self.model.decoder(embeds, attention_mask=self.mask, position_ids=self._positions(self.mask))
+        out = self.model.decoder(
+            embeds, attention_mask=self.mask, position_ids=self._positions(self.mask), **self._last_only()
+        )
         return self._logits(out)
 
     def next(self, tokens: Tensor) -> Tensor:
