@@ -52,3 +52,21 @@ def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
         assert row["vlm"] > 0 and row["transformers"] > 0
     assert data["guards"]["llava"]["max_logit_diff"] <= 1e-4
     assert "| llava | train step, full trainable |" in path.with_suffix(".md").read_text()
+
+
+def test_training_options_run_every_variant(shapes_dir):
+    from eval.bench_options import TRAINING_VARIANTS, training_rows
+
+    rows = training_rows(steps=2, shapes=str(shapes_dir))
+    assert [r["variant"] for r in rows] == list(TRAINING_VARIANTS)
+    assert all(r["answer_tokens_per_s"] > 0 for r in rows)
+    assert rows[1]["ratio"] > 0 and rows[3]["ratio"] > 0  # packed vs not; cache vs pixels
+
+
+def test_generation_cost_is_measured_per_new_token_for_one_and_four_images():
+    from eval.bench_options import image_scaling_rows
+
+    rows = image_scaling_rows(size="tiny", tokens=8, repeats=2)
+    assert [r["model"] for r in rows] == ["llava", "idefics"]
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["ms_per_token_4_images"] / r["ms_per_token_1_image"])

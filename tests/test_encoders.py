@@ -6,6 +6,7 @@ import tiny
 import torch
 from safetensors.torch import save_file
 
+from vlm import ConfigError
 from vlm.encoders import CLIPConfig, CLIPEncoder, ViTEncoder
 from vlm.encoders.base import CLIP_MEAN, CLIP_STD
 
@@ -170,3 +171,35 @@ def test_clip_resnet_tower():
     assert out.shape == (2, h * w, channels)
     assert (enc.num_tokens, enc.feature_dim) == (h * w, channels)
     torch.testing.assert_close(out, feature_map.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("patch_size", [4, 8])
+def test_vit_conv_stem_gives_the_patch_grid(patch_size):
+    """The convolutional stem ends on the same patch grid as the strided patch embedding."""
+    pixels = torch.randn(2, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    conv = ViTEncoder(tiny.vit_config(patch_size=patch_size, stem="conv"))
+    patch = ViTEncoder(tiny.vit_config(patch_size=patch_size))
+    assert conv(pixels).shape == patch(pixels).shape == (2, (tiny.IMAGE_SIZE // patch_size) ** 2, 32)
+    assert isinstance(conv.patch_embed, torch.nn.Sequential)
+
+
+def test_vit_options_for_published_towers():
+    """quick_gelu (OpenAI CLIP), no pre-norm and a patch bias (BLIP-2's EVA ViT) change the model."""
+    pixels = torch.randn(1, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    torch.manual_seed(0)
+    base = ViTEncoder(tiny.vit_config())
+    for option in ({"act": "quick_gelu"}, {"pre_norm": False}):
+        torch.manual_seed(0)
+        other = ViTEncoder(tiny.vit_config(**option))
+        other.load_state_dict(base.state_dict(), strict=False)  # same weights, one option changed
+        with torch.no_grad():
+            assert not torch.allclose(other(pixels), base(pixels)), option
+    assert ViTEncoder(tiny.vit_config(patch_bias=True)).patch_embed.bias is not None
+
+
+@pytest.mark.parametrize(
+    "option", [{"act": "swish"}, {"stem": "conv", "patch_size": 12, "image_size": 36}, {"stem": "deep"}]
+)
+def test_vit_bad_options_name_the_fix(option):
+    with pytest.raises(ConfigError, match="encoder"):
+        ViTEncoder(tiny.vit_config(**option))

@@ -175,3 +175,31 @@ def test_gradient_checkpointing_keeps_cross_attention_gradients():
     plain, checkpointed = grads
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
     assert any(plain[n].abs().sum() > 0 for n in plain if ".attn." in n)
+
+
+def test_flex_attention_media_mask_equals_the_dense_mask(monkeypatch):
+    """On GPUs the latest-image mask is a FlexAttention block mask: it must compute what the
+    dense boolean mask computes (forced on CPU here, where FlexAttention runs unfused)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import vlm.attention
+
+    model = _flamingo("llama", gates=1.0).eval()
+    batch = tiny.make_batch(model, images_per_row=(2, 3))
+    with torch.no_grad():
+        dense = model(**batch).logits
+    calls = []
+
+    def counted(q, k, v, **kwargs):
+        calls.append(q.shape)
+        return flex_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(vlm.attention, "FLEX_ON_CPU", True)
+    monkeypatch.setattr(vlm.attention, "_flex_attention", lambda device_type: counted)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        flex = model(**batch).logits
+    assert len(calls) == len(model.bridge.blocks)  # every gated block took the block-mask path
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)

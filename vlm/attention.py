@@ -3,13 +3,42 @@
 Inputs are laid out ``(B, heads, L, head_dim)``. The work goes to
 ``torch.nn.functional.scaled_dot_product_attention``, which picks the flash, cuDNN,
 memory-efficient or math kernel for the device; softmax(QK^T) is never written by hand.
+Structured masks (Flamingo's media mask) go to FlexAttention as block masks on GPUs, where a
+dense boolean mask would rule out the fused kernels; on CPU, where FlexAttention runs unfused,
+the dense mask is faster and is kept.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+#: Use FlexAttention block masks on CPU too (tests set it; on CPU it is slower than dense masks).
+FLEX_ON_CPU = False
+
+
+def use_block_masks(device: torch.device) -> bool:
+    """Whether structured masks should be FlexAttention block masks on ``device``."""
+    return device.type == "cuda" or FLEX_ON_CPU
+
+
+def block_mask(mask_mod: Callable, batch: int, q_len: int, kv_len: int, device: torch.device):
+    """A FlexAttention block mask from ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (same for every head)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
+
+
+@functools.cache
+def _flex_attention(device_type: str) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled, FlexAttention is one fused kernel; eager it is a reference implementation.
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 def attention(
@@ -18,6 +47,7 @@ def attention(
     v: Tensor,
     *,
     mask: Tensor | None = None,
+    block_mask=None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
@@ -27,10 +57,15 @@ def attention(
     Args:
         mask: boolean, True where a query may attend to a key; broadcast to ``(B, H, Lq, Lk)``.
             Prefer ``is_causal`` or no mask: a dense mask rules out the flash kernel.
+        block_mask: a FlexAttention ``BlockMask`` (see :func:`block_mask`) instead of ``mask``.
         is_causal: causal masking without materialising a mask.
         dropout_p: attention dropout (pass 0 in eval).
         scale: logit scale; defaults to ``1 / sqrt(head_dim)``.
     """
+    if block_mask is not None:
+        if mask is not None or is_causal or dropout_p:
+            raise ValueError("a block mask replaces mask / is_causal, and takes no attention dropout")
+        return _flex_attention(q.device.type)(q, k, v, block_mask=block_mask, scale=scale)
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
     return F.scaled_dot_product_attention(
@@ -93,6 +128,7 @@ class MultiHeadAttention(nn.Module):
         *,
         kv: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
+        block_mask=None,
         is_causal: bool = False,
     ) -> Tensor:
         """x: (B, L, dim); context: (B, S, kv_dim) for cross-attention, or its ``kv`` already
@@ -106,6 +142,12 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
         y = attention(
-            q, k, v, mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            mask=mask,
+            block_mask=block_mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out(y.transpose(1, 2).flatten(2))

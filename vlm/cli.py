@@ -208,6 +208,13 @@ def _save(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """vlm against transformers' LLaVA / BLIP-2 / IDEFICS on the same weights (eval/bench.py)."""
+    if args.options:
+        from eval.bench_options import run as run_options
+
+        path = run_options(out=args.out)
+        print(path.with_suffix(".md").read_text())
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
     from eval.bench import run
 
     _, path = run(args.models, size=args.size, device=args.device, out=args.out, iters=args.iters)
@@ -261,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     bench.add_argument("--iters", type=int, default=6, help="timed rounds per measurement")
     bench.add_argument("--out", default="eval/results", help="where bench-<device>.json/.md go")
+    bench.add_argument(
+        "--options",
+        action="store_true",
+        help="instead: what packed turns, the feature cache and the KV cache buy (options-<device>.*)",
+    )
     bench.set_defaults(func=_bench)
 
     save = commands.add_parser(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from vlm.attention import MultiHeadAttention
+from vlm.attention import MultiHeadAttention, block_mask, use_block_masks
 from vlm.bridges.base import Bridge
 from vlm.config import ConfigError
 from vlm.registry import register_bridge
@@ -152,17 +152,22 @@ class GatedCrossAttentionBlock(nn.Module):
     def _attend(self, h: Tensor, media: Media) -> Tensor:
         B, n_img, M, _ = media.latents.shape
         index = media.index if media.index.shape[1] == h.shape[1] else media.index[:, -1:]
-        mask = None
+        mask = block = None
         if n_img > 1:  # only the latest image is visible; one image needs no mask at all
-            key_image = torch.arange(n_img * M, device=h.device) // M  # (n_img*M,)
             latest = (index - 1).clamp(min=0)  # rows with no image yet see image 0, zeroed below
-            mask = (key_image[None, None, :] == latest[:, :, None]).unsqueeze(1)  # (B, 1, T, n_img*M)
+            if use_block_masks(h.device):
+                block = block_mask(
+                    lambda b, _, q, k: latest[b, q] == k // M, B, latest.shape[1], n_img * M, h.device
+                )
+            else:
+                key_image = torch.arange(n_img * M, device=h.device) // M  # (n_img*M,)
+                mask = (key_image[None, None, :] == latest[:, :, None]).unsqueeze(1)  # (B, 1, T, n_img*M)
         kv = media.kv.get(id(self))
         if kv is None:
             kv = self.attn.project_kv(media.latents.flatten(1, 2).to(h.dtype))
             if not torch.is_grad_enabled():  # inference: project the latents once per generation
                 media.kv[id(self)] = kv
-        x = self.attn(self.attn_norm(h), kv=kv, mask=mask)
+        x = self.attn(self.attn_norm(h), kv=kv, mask=mask, block_mask=block)
         return torch.where((index > 0).unsqueeze(-1), x, torch.zeros_like(x))
 
 

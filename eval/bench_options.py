@@ -1,0 +1,159 @@
+"""``vlm bench --options``: what vlm's own speed options buy, each against the run without it.
+
+- Packed turns (``data.pack_turns``): one shared image prefix per sample instead of one
+  sequence per example. Measured as labelled answer tokens per second of training on the shapes
+  recipe (one shard).
+- The frozen-feature cache (``run.cache_features``): the frozen encoder runs once per image
+  before training instead of at every step. Measured the same way, with the encoder frozen.
+- Generation with more images: the cost of one new token with 1 and with 4 images in the
+  prompt (LLaVA and IDEFICS shapes of the ``small`` benchmark). With the KV cache the images
+  are processed once, so the per-token cost should barely move.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.bench import SIZES, device_name, make_inputs, model_pair
+from vlm.generate import generate
+
+# Each variant: recipe overrides on top of the shapes recipe.
+TRAINING_VARIANTS = {
+    "one sequence per example": ["data.pack_turns=false"],
+    "packed turns": ["data.pack_turns=true"],
+    "frozen encoder, from pixels": ["data.pack_turns=true", "model.encoder.freeze=true"],
+    "frozen encoder, feature cache": [
+        "data.pack_turns=true",
+        "model.encoder.freeze=true",
+        "run.cache_features=true",
+    ],
+}
+
+
+def training_rows(steps: int, shapes: str) -> list[dict[str, Any]]:
+    """Answer tokens/s of short shapes-recipe runs, one per variant (same seed, same shard).
+
+    Args:
+        shapes: a shapes dataset directory (``vlm data shapes``).
+    """
+    from importlib.resources import files
+
+    from train.recipe import load_recipe
+    from train.trainer import train
+
+    recipe_path = Path(str(files("train") / "recipes" / "shapes.toml"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in TRAINING_VARIANTS.items():
+            common = [
+                'data.shapes=""',  # read the given dataset as it is: never regenerate it
+                f"data.train={json.dumps(str(Path(shapes) / 'train' / 'shapes-train-000000.tar'))}",
+                f"data.tokenizer={json.dumps(str(Path(shapes) / 'tokenizer'))}",
+                f"data.val={json.dumps(str(Path(shapes) / 'val'))}",
+                f"run.out={json.dumps(str(Path(tmp) / name.replace(' ', '-').replace(',', '')))}",
+                f"run.max_steps={steps}",
+                f"run.save_every={steps * 10}",
+            ]
+            recipe = load_recipe(recipe_path, common + overrides)
+            summary = train(recipe, progress=False)
+            log = [json.loads(line) for line in (Path(summary["run_dir"]) / "log.jsonl").open()]
+            tokens = sum(r["tokens"] for r in log if "tokens" in r)
+            rows.append({"variant": name, "answer_tokens_per_s": tokens / summary["train_seconds"]})
+    by_name = {r["variant"]: r["answer_tokens_per_s"] for r in rows}
+    rows[1]["ratio"] = by_name["packed turns"] / by_name["one sequence per example"]
+    rows[3]["ratio"] = by_name["frozen encoder, feature cache"] / by_name["frozen encoder, from pixels"]
+    return rows
+
+
+def _per_token_seconds(model, name: str, images: int, size, tokens: int, repeats: int) -> float:
+    """Seconds per new token after the prompt: (time for 1 + tokens) - (time for 1), per token."""
+    prompt = make_inputs(name, model, size, 1, answer=0, seed=images)
+    ids = prompt.ours["input_ids"]
+    image = ids[:, 1 : 1 + model.tokens_per_image]  # the single image's placeholders
+    # ``images`` images, each followed by a little text, then the original prompt's text.
+    parts = [ids[:, :1]] + [torch.cat([image, ids[:, -4:]], 1) for _ in range(images)]
+    inputs = {
+        "input_ids": torch.cat(parts, 1),
+        "pixel_values": prompt.ours["pixel_values"].repeat(images, 1, 1, 1),
+    }
+
+    def timed(n: int) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            generate(model, **inputs, max_new_tokens=n)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    timed(2)  # warm-up
+    return (timed(1 + tokens) - timed(1)) / tokens
+
+
+def image_scaling_rows(size: str = "small", tokens: int = 32, repeats: int = 3) -> list[dict[str, Any]]:
+    size = SIZES[size]
+    rows = []
+    for name in ("llava", "idefics"):
+        with tempfile.TemporaryDirectory() as tmp:
+            _, model, _ = model_pair(name, size, Path(tmp))
+        model.eval()
+        one, four = (_per_token_seconds(model, name, n, size, tokens, repeats) for n in (1, 4))
+        rows.append(
+            {
+                "model": name,
+                "ms_per_token_1_image": one * 1e3,
+                "ms_per_token_4_images": four * 1e3,
+                "ratio": four / one,
+            }
+        )
+    return rows
+
+
+def run(out: str | Path = "eval/results", steps: int = 40, shapes: str = "runs/shapes-data") -> Path:
+    from data.shapes import write_shapes
+
+    write_shapes(shapes)  # a no-op when the default dataset is already there
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = {
+        "device": device_name(device),
+        "training": training_rows(steps, shapes),
+        "generation_vs_images": image_scaling_rows(),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"options-{results['device'].replace(' ', '-').lower()}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(results))
+    return path
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"# What vlm's speed options buy, on {results['device']}",
+        "",
+        "Training the shapes recipe (one shard), labelled answer tokens per second:",
+        "",
+        "| variant | answer tokens/s | ratio |",
+        "|---|---:|---:|",
+    ]
+    for r in results["training"]:
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+        lines.append(f"| {r['variant']} | {r['answer_tokens_per_s']:.0f} | {ratio} |")
+    lines += [
+        "",
+        "Generation, cost of one new token with 1 and 4 images in the prompt (size `small`):",
+        "",
+        "| model | ms/token, 1 image | ms/token, 4 images | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results["generation_vs_images"]:
+        lines.append(
+            f"| {r['model']} | {r['ms_per_token_1_image']:.2f} | {r['ms_per_token_4_images']:.2f} "
+            f"| {r['ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
