@@ -286,6 +286,33 @@ def _train_step(
     return step
 
 
+#: Dense bf16 tensor-core peaks (FLOP/s) of the GPUs this project may be lent, for MFU.
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one call of ``step``, counted by PyTorch's ``FlopCounterMode`` (matmuls and
+    attention, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def utilisation(step: Callable[[], None], seconds: float, device: torch.device) -> dict[str, float]:
+    """Achieved TFLOP/s of a training step, and the model FLOPs utilisation on a known GPU."""
+    achieved = step_flops(step) / seconds
+    out = {"vlm_tflops": achieved / 1e12}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        if peak is not None:
+            out["vlm_mfu"] = achieved / peak
+    return out
+
+
 def _peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
     if device.type != "cuda":
         return None  # the CPU allocator keeps no peak statistics
@@ -341,6 +368,7 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
         seconds = race(steps, device, warmup=2, iters=iters)
         rows_per_s = size.train_batch / seconds["vlm"], size.train_batch / seconds["transformers"]
         add(f"train step, {which} trainable", "samples/s", *rows_per_s)
+        rows[-1].update(utilisation(steps["vlm"], seconds["vlm"], device))
         if which == "full":
             peaks = {k: _peak_memory(s, device) for k, s in steps.items()}
             if peaks["vlm"] is not None:
@@ -441,6 +469,12 @@ def markdown(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         cells = [r["model"], r["measure"], f"{r['vlm']:.2f}", f"{r['transformers']:.2f}", r["unit"]]
         lines.append("| " + " | ".join(cells) + f" | {r['ratio']:.2f} |")
+    flops = [r for r in results["rows"] if "vlm_tflops" in r]
+    if flops:
+        lines += ["", "vlm's training steps, FLOPs counted by `FlopCounterMode`:", ""]
+        for r in flops:
+            mfu = f", MFU {r['vlm_mfu']:.1%}" if "vlm_mfu" in r else ""
+            lines.append(f"- {r['model']}, {r['measure']}: {r['vlm_tflops']:.3f} TFLOP/s{mfu}")
     lines += [
         "",
         "Correctness guard (before timing, same weights): "

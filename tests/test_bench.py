@@ -70,3 +70,14 @@ def test_generation_cost_is_measured_per_new_token_for_one_and_four_images():
     assert [r["model"] for r in rows] == ["llava", "idefics"]
     for r in rows:
         assert r["ratio"] == pytest.approx(r["ms_per_token_4_images"] / r["ms_per_token_1_image"])
+
+
+def test_step_flops_counts_a_matmul_forward_and_backward():
+    """2·m·k·n for the forward matmul, twice that for the two backward matmuls."""
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(16, 64, requires_grad=True)
+
+    def step():
+        (x @ w).sum().backward()
+
+    assert bench.step_flops(step) == 3 * 2 * 16 * 64 * 32
