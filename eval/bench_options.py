@@ -8,6 +8,9 @@
 - Generation with more images: the cost of one new token with 1 and with 4 images in the
   prompt (LLaVA and IDEFICS shapes of the ``small`` benchmark). With the KV cache the images
   are processed once, so the per-token cost should barely move.
+- Generation caches: tokens/s (LLaVA ``small``, batch 16, 64 new tokens) with the dynamic KV
+  cache, a static one, and a static one with the new-token step compiled (``torch.compile``;
+  its one-off compile time is reported apart).
 """
 
 from __future__ import annotations
@@ -114,6 +117,39 @@ def image_scaling_rows(size: str = "small", tokens: int = 32, repeats: int = 3) 
     return rows
 
 
+def cache_rows(size: str = "small", rows: int = 16, tokens: int = 64, compile: bool = True) -> list[dict]:
+    spec = SIZES[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        _, model, _ = model_pair("llava", spec, Path(tmp))
+    model.eval()
+    prompt = make_inputs("llava", model, spec, rows, answer=0, seed=1).ours
+
+    def tokens_per_s(**options) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            generate(model, **prompt, max_new_tokens=tokens, **options)
+            best = min(best, time.perf_counter() - start)
+        return rows * tokens / best
+
+    variants = {"dynamic cache": {}, "static cache": {"cache": "static"}}
+    results = [{"variant": name, "tokens_per_s": tokens_per_s(**o)} for name, o in variants.items()]
+    if compile:
+        start = time.perf_counter()
+        generate(model, **prompt, max_new_tokens=tokens, cache="static", compile=True)
+        compile_s = time.perf_counter() - start
+        results.append(
+            {
+                "variant": "static cache, compiled step",
+                "tokens_per_s": tokens_per_s(cache="static", compile=True),
+                "first_call_seconds": compile_s,
+            }
+        )
+    for r in results:
+        r["ratio"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
+    return results
+
+
 def run(out: str | Path = "eval/results", steps: int = 40, shapes: str = "runs/shapes-data") -> Path:
     from data.shapes import write_shapes
 
@@ -123,6 +159,7 @@ def run(out: str | Path = "eval/results", steps: int = 40, shapes: str = "runs/s
         "device": device_name(device),
         "training": training_rows(steps, shapes),
         "generation_vs_images": image_scaling_rows(),
+        "generation_caches": cache_rows(),
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,4 +193,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['model']} | {r['ms_per_token_1_image']:.2f} | {r['ms_per_token_4_images']:.2f} "
             f"| {r['ratio']:.2f} |"
         )
+    lines += [
+        "",
+        "Generation caches, LLaVA `small`, batch 16, 64 new tokens:",
+        "",
+        "| variant | tokens/s | ratio |",
+        "|---|---:|---:|",
+    ]
+    for r in results["generation_caches"]:
+        first = f" (first call {r['first_call_seconds']:.0f} s)" if "first_call_seconds" in r else ""
+        lines.append(f"| {r['variant']}{first} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -81,3 +81,11 @@ def test_step_flops_counts_a_matmul_forward_and_backward():
         (x @ w).sum().backward()
 
     assert bench.step_flops(step) == 3 * 2 * 16 * 64 * 32
+
+
+def test_cache_variants_are_compared_to_the_dynamic_cache():
+    from eval.bench_options import cache_rows
+
+    rows = cache_rows(size="tiny", rows=2, tokens=4, compile=False)
+    assert [r["variant"] for r in rows] == ["dynamic cache", "static cache"]
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0

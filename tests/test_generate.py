@@ -57,6 +57,28 @@ def test_cached_generation_equals_recomputing_everything(bridge, decoder):
     assert len(set(cached[0].tolist())) > 1  # a real sequence, not one token repeated
 
 
+@pytest.mark.parametrize("decoder", ["llama", "gpt2"])
+@pytest.mark.parametrize("bridge", ["linear", "perceiver"])
+def test_static_cache_gives_the_dynamic_cache_tokens(bridge, decoder):
+    """A static cache (fixed shapes, for compiled steps) changes nothing, left padding and beams
+    included."""
+    model = model_for(bridge, decoder)
+    input_ids, mask, pixels = prompts(model)
+    for options in ({}, {"num_beams": 3}):
+        dynamic = generate(model, input_ids, mask, pixels, max_new_tokens=10, **options)
+        static = generate(model, input_ids, mask, pixels, max_new_tokens=10, cache="static", **options)
+        assert torch.equal(static, dynamic), options
+
+
+def test_bad_cache_settings_are_refused():
+    model = model_for("linear")
+    input_ids, mask, pixels = prompts(model)
+    with pytest.raises(ValueError, match="static"):
+        generate(model, input_ids, mask, pixels, cache="paged")
+    with pytest.raises(ValueError, match="compile needs"):
+        generate(model, input_ids, mask, pixels, compile=True)
+
+
 @pytest.mark.parametrize("bridge", ["mlp2x_gelu", "qformer", "perceiver"])
 def test_batched_generation_equals_one_by_one(bridge):
     model = model_for(bridge)

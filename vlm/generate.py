@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 
 @dataclass
@@ -27,6 +27,10 @@ class GenerationConfig:
         eos_token_id: one id or several; a row stops at the first.
         pad_token_id: fills rows that stopped early.
         use_cache: reuse keys and values (``False`` recomputes everything each step).
+        cache: ``"dynamic"`` (grows each step) or ``"static"`` (allocated once for prompt plus
+            ``max_new_tokens``: fixed shapes, what ``compile`` needs).
+        compile: ``torch.compile`` the LM's forward for the new-token steps (with a static cache;
+            on CUDA as CUDA graphs, ``mode="reduce-overhead"``). The first call compiles.
         seed: seed of the sampling generator (``None``: the global RNG).
     """
 
@@ -40,6 +44,8 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int = 0
     use_cache: bool = True
+    cache: str = "dynamic"
+    compile: bool = False
     seed: int | None = None
 
 
@@ -47,11 +53,20 @@ class _Steps:
     """Runs the LM over a growing sequence, with or without the KV cache."""
 
     def __init__(
-        self, model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, cache: bool
+        self,
+        model,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None,
+        config: GenerationConfig,
     ):
-        self.model, self.cache = model, cache
+        self.model, self.cache = model, config.use_cache
         self.input_ids, self.mask = input_ids, attention_mask
         self.past = None
+        self.config = config
+        self.step_forward = model.decoder.forward
+        if config.compile:
+            self.step_forward = _compiled(model.decoder, input_ids.device.type)
         # The uncached path re-reads each row's images every step; beam search reorders rows,
         # so the images are kept per row.
         self.features = model.encoder(pixel_values) if pixel_values is not None else None
@@ -76,7 +91,7 @@ class _Steps:
         if not self.cache:
             return self._full()
         embeds, _ = self.model.prepare_inputs(self.input_ids, image_features=self.features)
-        self.past = DynamicCache()
+        self.past = self._new_cache()
         out = self.model.decoder(
             embeds,
             attention_mask=self.mask,
@@ -86,6 +101,12 @@ class _Steps:
             **self._last_only(),
         )
         return self._logits(out)
+
+    def _new_cache(self):
+        if self.config.cache == "static":
+            length = self.input_ids.shape[1] + self.config.max_new_tokens
+            return StaticCache(config=self.model.decoder.lm.config, max_cache_len=length)
+        return DynamicCache()
 
     def _last_only(self) -> dict[str, int]:
         """Only the last position's logits are needed: the LM head skips the rest of the prompt."""
@@ -104,7 +125,7 @@ class _Steps:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
         if not self.cache:
             return self._full()
-        out = self.model.decoder(
+        out = self.step_forward(
             self.model.decoder.embed(tokens[:, None]),
             attention_mask=self.mask,
             position_ids=self._positions(self.mask)[:, -1:],
@@ -119,6 +140,16 @@ class _Steps:
         self.row_images = [self.row_images[r] for r in rows.tolist()]
         if self.past is not None:
             self.past.reorder_cache(rows)
+
+
+def _compiled(decoder, device_type: str):
+    """The decoder's forward, compiled once per decoder (CUDA graphs on CUDA)."""
+    compiled = getattr(decoder, "_compiled_forward", None)
+    if compiled is None:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        compiled = torch.compile(decoder.forward, mode=mode, fullgraph=False)
+        decoder._compiled_forward = compiled
+    return compiled
 
 
 def _filter(logits: Tensor, config: GenerationConfig) -> Tensor:
@@ -167,6 +198,8 @@ def generate(
         config, overrides: a :class:`GenerationConfig` and/or its fields as keywords.
     """
     config = replace(config or GenerationConfig(), **overrides)
+    if config.cache not in ("dynamic", "static") or (config.compile and config.cache != "static"):
+        raise ValueError("cache must be 'dynamic' or 'static', and compile needs cache='static'")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask[:, -1].eq(0).any():
@@ -184,7 +217,7 @@ def generate(
 
 
 def _sample(model, input_ids, attention_mask, pixel_values, config: GenerationConfig) -> Tensor:
-    steps = _Steps(model, input_ids, attention_mask, pixel_values, config.use_cache)
+    steps = _Steps(model, input_ids, attention_mask, pixel_values, config)
     eos = _eos(config, input_ids.device)
     generator = None
     if config.do_sample and config.seed is not None:
@@ -213,7 +246,7 @@ def _beam_search(model, input_ids, attention_mask, pixel_values, config: Generat
     """Beam search that stops a prompt once it has ``num_beams`` finished hypotheses."""
     K, B, device = config.num_beams, len(input_ids), input_ids.device
     eos = set(_eos(config, device).tolist())
-    steps = _Steps(model, input_ids, attention_mask, pixel_values, config.use_cache)
+    steps = _Steps(model, input_ids, attention_mask, pixel_values, config)
     logits = steps.first()  # images are encoded once per prompt, then rows are repeated
     rows = torch.arange(B, device=device).repeat_interleave(K)
     steps.reorder(rows)
