@@ -74,6 +74,15 @@ def training_rows(steps: int, shapes: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _per_token_seconds(model, name: str, images: int, size, tokens: int, repeats: int) -> float:
     """Seconds per new token after the prompt: (time for 1 + tokens) - (time for 1), per token."""
     prompt = make_inputs(name, model, size, 1, answer=0, seed=images)
@@ -82,15 +91,17 @@ def _per_token_seconds(model, name: str, images: int, size, tokens: int, repeats
     # ``images`` images, each followed by a little text, then the original prompt's text.
     parts = [ids[:, :1]] + [torch.cat([image, ids[:, -4:]], 1) for _ in range(images)]
     inputs = {
-        "input_ids": torch.cat(parts, 1),
-        "pixel_values": prompt.ours["pixel_values"].repeat(images, 1, 1, 1),
+        "input_ids": torch.cat(parts, 1).to(_device()),
+        "pixel_values": prompt.ours["pixel_values"].repeat(images, 1, 1, 1).to(_device()),
     }
 
     def timed(n: int) -> float:
         best = float("inf")
         for _ in range(repeats):
+            _sync()
             start = time.perf_counter()
             generate(model, **inputs, max_new_tokens=n)
+            _sync()
             best = min(best, time.perf_counter() - start)
         return best
 
@@ -104,7 +115,7 @@ def image_scaling_rows(size: str = "small", tokens: int = 32, repeats: int = 3) 
     for name in ("llava", "idefics"):
         with tempfile.TemporaryDirectory() as tmp:
             _, model, _ = model_pair(name, size, Path(tmp))
-        model.eval()
+        model.to(_device()).eval()
         one, four = (_per_token_seconds(model, name, n, size, tokens, repeats) for n in (1, 4))
         rows.append(
             {
@@ -121,14 +132,18 @@ def cache_rows(size: str = "small", rows: int = 16, tokens: int = 64, compile: b
     spec = SIZES[size]
     with tempfile.TemporaryDirectory() as tmp:
         _, model, _ = model_pair("llava", spec, Path(tmp))
-    model.eval()
-    prompt = make_inputs("llava", model, spec, rows, answer=0, seed=1).ours
+    model.to(_device()).eval()
+    prompt = {
+        k: v.to(_device()) for k, v in make_inputs("llava", model, spec, rows, answer=0, seed=1).ours.items()
+    }
 
     def tokens_per_s(**options) -> float:
         best = float("inf")
         for _ in range(3):
+            _sync()
             start = time.perf_counter()
             generate(model, **prompt, max_new_tokens=tokens, **options)
+            _sync()
             best = min(best, time.perf_counter() - start)
         return rows * tokens / best
 
@@ -154,9 +169,8 @@ def run(out: str | Path = "eval/results", steps: int = 40, shapes: str = "runs/s
     from data.shapes import write_shapes
 
     write_shapes(shapes)  # a no-op when the default dataset is already there
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {
-        "device": device_name(device),
+        "device": device_name(_device()),
         "training": training_rows(steps, shapes),
         "generation_vs_images": image_scaling_rows(),
         "generation_caches": cache_rows(),

@@ -7,138 +7,29 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    CLIPVisionConfig,
-    IdeficsConfig,
-    IdeficsForVisionText2Text,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    OPTConfig,
-)
 
 import vlm
+from eval import bench
 from vlm.cli import main
 from vlm.generate import generate
 
-SIZE = 32  # image side
-WIDE_INIT = 0.2  # larger random weights than the default 0.02, so images move the logits visibly
-
-
-def _llava():
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=SIZE,
-        patch_size=8,
-        initializer_factor=10.0,
-    )
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        initializer_range=WIDE_INIT,
-        eos_token_id=2,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=99, initializer_range=WIDE_INIT
-    )
-    return LlavaForConditionalGeneration(config), 99
-
-
-def _blip2():
-    config = Blip2Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=SIZE,
-            patch_size=8,
-            initializer_range=WIDE_INIT,
-        ),
-        qformer_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            encoder_hidden_size=32,
-            vocab_size=100,
-            initializer_range=WIDE_INIT,
-        ),
-        text_config=OPTConfig(
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=100,
-            word_embed_proj_dim=32,
-            init_std=WIDE_INIT,
-            eos_token_id=2,
-        ).to_dict(),
-        num_query_tokens=4,
-        image_token_index=99,
-        initializer_range=WIDE_INIT,
-    )
-    model = Blip2ForConditionalGeneration(config)
-    with torch.no_grad():  # transformers starts the queries at zero: make them distinct
-        model.query_tokens.normal_(0, 1)
-    return model, 99
-
-
-def _idefics(tokenizer):
-    config = IdeficsConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        cross_layer_interval=2,
-        use_resampler=True,
-        initializer_range=WIDE_INIT,
-        alpha_initializer="ones",  # open gates: the images reach the text
-        vision_config=dict(
-            embed_dim=32,
-            image_size=SIZE,
-            patch_size=8,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        ),
-        perceiver_config=dict(
-            resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8
-        ),
-    )
-    return IdeficsForVisionText2Text(config), tokenizer.convert_tokens_to_ids("<image>")
-
-
-FORMATS = ["llava", "blip2", "idefics"]
+TINY = bench.SIZES["tiny"]  # random weights wide enough that images move the logits visibly
+SIZE = TINY.image
+IMAGE_ID = 4  # "<image>" in the benchmark's placeholder tokenizer
+FORMATS = list(bench.MODELS)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Each format saved by transformers: ``name -> (directory, transformers model, image token id)``."""
-    from data.shapes import tokenizer as shapes_tokenizer
-
     torch.manual_seed(0)
     out = {}
     for name in FORMATS:
         path = tmp_path_factory.mktemp(name)
-        if name == "idefics":
-            tokenizer = shapes_tokenizer()  # IDEFICS names its <image> token in the tokenizer
-            model, image_id = _idefics(tokenizer)
-            tokenizer.save_pretrained(path)
-        else:
-            model, image_id = _llava() if name == "llava" else _blip2()
+        model = bench.build_transformers(name, TINY, IMAGE_ID)
         model.save_pretrained(path)
-        out[name] = (path, model.eval(), image_id)
+        bench.placeholder_tokenizer(TINY.vocab).save_pretrained(path)  # IDEFICS names <image> there
+        out[name] = (path, model.eval(), IMAGE_ID)
     return out
 
 
@@ -155,7 +46,7 @@ def _inputs(name: str, model, image_id: int, tokens_per_image: int, rows: int = 
         )
         ours = dict(input_ids=ids, pixel_values=pixels.flatten(0, 1), attention_mask=torch.ones_like(ids))
         return hf, ours
-    text = torch.randint(3, 90, (rows, 6), generator=g)
+    text = torch.randint(5, 90, (rows, 6), generator=g)
     ids = torch.cat([text[:, :2], torch.full((rows, tokens_per_image), image_id), text[:, 2:]], dim=1)
     pixels = torch.randn(rows, 3, SIZE, SIZE, generator=g)
     hf = dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
@@ -229,8 +120,21 @@ def test_unsupported_architecture_names_the_supported_formats(tmp_path):
 
 
 def test_unsupported_variant_is_refused_by_name(tmp_path):
-    model, _ = _llava()
+    model = bench.build_transformers("llava", TINY, IMAGE_ID)
     model.config.vision_feature_layer = [-2, -1]
     model.save_pretrained(tmp_path)
     with pytest.raises(vlm.ConfigError, match="vision_feature_layer"):
+        vlm.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_missing_tensors_gets_a_clear_error(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _, _ = checkpoints["llava"]
+    for name in ("config.json",):
+        (tmp_path / name).write_text((path / name).read_text())
+    weights = load_file(path / "model.safetensors")
+    weights.pop(next(k for k in weights if k.endswith("embeddings.class_embedding")))
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(vlm.ConfigError, match="class_embedding"):
         vlm.from_pretrained(tmp_path)

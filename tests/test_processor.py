@@ -158,15 +158,16 @@ def test_turns_share_one_image_and_every_answer_is_labelled():
     assert proc.truncated == 1
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("bridge", ["mlp2x_gelu", "perceiver"])
 @pytest.mark.parametrize("decoder", ["gpt2", "llama", "opt"])
-def test_packed_turns_compute_exactly_what_separate_examples_compute(bridge, decoder):
+def test_packed_turns_compute_exactly_what_separate_examples_compute(bridge, decoder, attention):
     """Each turn of a packed row sees the images and itself only: its loss and its logits equal
     those of the turn encoded alone, so no answer can be read off an earlier turn's text."""
     from vlm import build_model
 
     tok = word_tokenizer()
-    config = tiny.model_config("vit", bridge, decoder)
+    config = tiny.model_config("vit", bridge, decoder, attn_implementation=attention)
     config.decoder.hf_config = {**config.decoder.hf_config, "vocab_size": len(tok)}
     config.image_token_id = tok.convert_tokens_to_ids("<image>")
     model = build_model(config).eval()
@@ -194,3 +195,42 @@ def test_packed_turns_compute_exactly_what_separate_examples_compute(bridge, dec
     plain = proc.pad([proc.encode("caption", answer="a blue circle")])
     alone_sum += model(**plain, pixel_values=pixels, loss_reduction="sum").loss
     torch.testing.assert_close(out.loss, alone_sum, atol=1e-4, rtol=1e-5)
+
+
+def test_a_turn_answering_right_after_the_images_goes_first():
+    """With a "{images}" caption template the caption's first word is predicted from the last
+    image placeholder: packing puts that turn first so it keeps the label; a second such turn
+    loses only its first label."""
+    tok = word_tokenizer()
+    proc = Processor(tok, tokens_per_image=2, templates={"caption": "{images}"})
+    turns = [
+        {"task": "vqa", "question": "what color is it ?", "answer": "red"},
+        {"task": "caption", "answer": "a red square"},
+        {"task": "caption", "answer": "a square"},
+    ]
+    out = proc.encode_turns(turns)
+    segments, labels = out["segment_ids"], out["labels"]
+    first_turn = [t for t, s in zip(out["input_ids"], segments) if s == 1]
+    assert tok.decode(first_turn) == "a red square <eos>"
+    assert labels[segments.index(1)] != -100  # "a" keeps its label: predicted from the last image token
+    second_caption = segments.index(2)
+    assert (
+        labels[second_caption] == -100
+        and tok.decode(out["input_ids"][second_caption:][:3]) == "a square <eos>"
+    )
+
+
+def test_packed_turns_are_refused_without_a_4d_mask_attention():
+    """FlashAttention-2 takes no 4-D mask: packed turns must be refused, not silently unmasked."""
+    from vlm import build_model
+
+    tok = word_tokenizer()
+    config = tiny.model_config("vit", "linear", "llama")
+    config.decoder.hf_config = {**config.decoder.hf_config, "vocab_size": len(tok)}
+    config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    model = build_model(config)
+    model.decoder.lm.config._attn_implementation = "flash_attention_2"  # as if flash-attn were installed
+    proc = Processor(tok, tokens_per_image=model.tokens_per_image)
+    batch = proc.pad([proc.encode_turns([{"task": "caption", "answer": "a red square"}])])
+    with pytest.raises(ValueError, match="pack_turns"):
+        model(**batch, pixel_values=torch.randn(1, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE))

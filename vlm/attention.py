@@ -38,7 +38,7 @@ def _flex_attention(device_type: str) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
     # Compiled, FlexAttention is one fused kernel; eager it is a reference implementation.
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
 def attention(

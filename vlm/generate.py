@@ -29,8 +29,8 @@ class GenerationConfig:
         use_cache: reuse keys and values (``False`` recomputes everything each step).
         cache: ``"dynamic"`` (grows each step) or ``"static"`` (allocated once for prompt plus
             ``max_new_tokens``: fixed shapes, what ``compile`` needs).
-        compile: ``torch.compile`` the LM's forward for the new-token steps (with a static cache;
-            on CUDA as CUDA graphs, ``mode="reduce-overhead"``). The first call compiles.
+        compile: ``torch.compile`` the LM's forward for the new-token steps (with a static
+            cache). The first call compiles.
         seed: seed of the sampling generator (``None``: the global RNG).
     """
 
@@ -143,13 +143,13 @@ class _Steps:
 
 
 def _compiled(decoder, device_type: str):
-    """The decoder's forward, compiled once per decoder (CUDA graphs on CUDA)."""
-    compiled = getattr(decoder, "_compiled_forward", None)
-    if compiled is None:
-        mode = "reduce-overhead" if device_type == "cuda" else None
-        compiled = torch.compile(decoder.forward, mode=mode, fullgraph=False)
-        decoder._compiled_forward = compiled
-    return compiled
+    """The decoder's forward, compiled once per decoder and device type."""
+    cache = decoder.__dict__.setdefault("_compiled_forward", {})
+    if device_type not in cache:
+        # Default mode: the attention mask grows by one column per step, so CUDA graphs
+        # ("reduce-overhead") would re-record at every step.
+        cache[device_type] = torch.compile(decoder.forward)
+    return cache[device_type]
 
 
 def _filter(logits: Tensor, config: GenerationConfig) -> Tensor:
@@ -198,8 +198,12 @@ def generate(
         config, overrides: a :class:`GenerationConfig` and/or its fields as keywords.
     """
     config = replace(config or GenerationConfig(), **overrides)
-    if config.cache not in ("dynamic", "static") or (config.compile and config.cache != "static"):
-        raise ValueError("cache must be 'dynamic' or 'static', and compile needs cache='static'")
+    if config.cache not in ("dynamic", "static") or (
+        config.compile and (config.cache != "static" or not config.use_cache)
+    ):
+        raise ValueError(
+            "cache must be 'dynamic' or 'static', and compile needs cache='static' with use_cache"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask[:, -1].eq(0).any():

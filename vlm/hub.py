@@ -107,7 +107,13 @@ def _convert(path: Path, data: dict[str, Any]) -> VisionLanguageModel:
         )
     from transformers import AutoConfig
 
-    return converter(path, AutoConfig.from_pretrained(path))
+    try:
+        return converter(path, AutoConfig.from_pretrained(path))
+    except KeyError as err:  # a tensor the mapping expects is not in the checkpoint
+        raise ConfigError(
+            f"the checkpoint in {str(path)!r} has no tensor {err}; is it a complete "
+            f"{', '.join(architectures)} checkpoint?"
+        ) from err
 
 
 def _weights_file(path: Path) -> Path:

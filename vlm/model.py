@@ -116,7 +116,13 @@ class VisionLanguageModel(nn.Module):
         extra = {} if keep is None else {"logits_to_keep": keep}
         mask = attention_mask
         if segment_ids is not None:
-            mask, extra["position_ids"] = turn_mask(segment_ids, attention_mask)
+            implementation = self.decoder.lm.config._attn_implementation
+            if implementation not in ("sdpa", "eager"):
+                raise ValueError(
+                    f"packed turns (segment_ids) need a decoder with attn_implementation 'sdpa' or "
+                    f"'eager' (a 4-D mask), not {implementation!r}; set data.pack_turns = false"
+                )
+            mask, extra["position_ids"] = turn_mask(segment_ids, attention_mask, dtype=embeds.dtype)
         out = self.decoder(embeds, attention_mask=mask, use_cache=False, **extra)
         if self.bridge.cross_attention and not self._recompute_needs_media():
             self.bridge.set_media(None)
@@ -149,6 +155,8 @@ class VisionLanguageModel(nn.Module):
         is_image = input_ids == self.image_token_id
         embeds = self.decoder.embed(input_ids)
         if image_attention_mask is not None:
+            if image_index is not None:
+                raise ValueError("image_index does not combine with image_attention_mask")
             self._set_media_from_mask(pixel_values, image_features, image_attention_mask)
             return embeds, is_image
         if image_features is None and pixel_values is not None:
@@ -170,9 +178,14 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("image_attention_mask is for cross-attention (Flamingo / IDEFICS) bridges")
         rows, n_img = image_attention_mask.shape[0], image_attention_mask.shape[-1]
         if image_features is None:
-            if pixel_values is None or pixel_values.ndim != 5:
-                raise ValueError("with image_attention_mask, pass pixel_values as (B, n_img, 3, H, W)")
+            if pixel_values is None or pixel_values.ndim != 5 or pixel_values.shape[:2] != (rows, n_img):
+                raise ValueError(
+                    f"with image_attention_mask {tuple(image_attention_mask.shape)}, pass pixel_values "
+                    f"as ({rows}, {n_img}, 3, H, W)"
+                )
             image_features = self.encoder(pixel_values.flatten(0, 1))
+        elif image_features.shape[0] != rows * n_img:
+            raise ValueError(f"with image_attention_mask, pass image_features for {rows} x {n_img} images")
         latents = self.bridge(image_features)
         self.bridge.set_media_from_mask(latents.view(rows, n_img, *latents.shape[1:]), image_attention_mask)
 
@@ -218,9 +231,12 @@ class VisionLanguageModel(nn.Module):
         return from_pretrained(path)
 
 
-def turn_mask(segment_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The ``(B, 1, T, T)`` boolean mask and ``(B, T)`` positions of rows packed as a shared prefix
-    (segment 0) plus turns: causal, and a turn sees only the prefix and itself."""
+def turn_mask(
+    segment_ids: Tensor, attention_mask: Tensor | None, *, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """The additive ``(B, 1, T, T)`` mask (0 or the dtype's minimum) and ``(B, T)`` positions of
+    rows packed as a shared prefix (segment 0) plus turns: causal, and a turn sees only the prefix
+    and itself. Padding queries see themselves, so no row of the mask is empty."""
     T = segment_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]
@@ -229,7 +245,9 @@ def turn_mask(segment_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tenso
         allowed = allowed & attention_mask.bool()[:, None, :]
     # A token's position is the number of tokens it sees before it: the prefix, then its own turn.
     positions = (allowed.sum(-1) - 1).clamp(min=0)
-    return allowed[:, None], positions
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=allowed.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None], positions
 
 
 def answer_loss(logits: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:

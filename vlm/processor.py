@@ -80,17 +80,24 @@ class Processor:
             out += [token] * self.tokens_per_image if token == self.image_token_id else [token]
         return out
 
-    def encode(
-        self, task: str, *, question: str | None = None, answer: str | None = None, num_images: int = 1
-    ) -> dict[str, list[int]] | None:
-        """``input_ids`` and ``labels`` (prompt masked with -100); ``None`` when even the prompt
-        does not fit in ``max_length`` (counted in ``truncated``)."""
+    def _parts(
+        self, task: str, *, question: str | None, answer: str | None, num_images: int
+    ) -> tuple[list[int], list[int]]:
+        """The prompt's ids and the answer's (with EOS), untruncated."""
         prompt = self.prompt_ids(task, question=question, num_images=num_images)
         answer_ids = []
         if answer is not None:
             answer_ids = self._ids(answer, special=False)
             if self.tokenizer.eos_token_id is not None:
                 answer_ids.append(self.tokenizer.eos_token_id)
+        return prompt, answer_ids
+
+    def encode(
+        self, task: str, *, question: str | None = None, answer: str | None = None, num_images: int = 1
+    ) -> dict[str, list[int]] | None:
+        """``input_ids`` and ``labels`` (prompt masked with -100); ``None`` when even the prompt
+        does not fit in ``max_length`` (counted in ``truncated``)."""
+        prompt, answer_ids = self._parts(task, question=question, answer=answer, num_images=num_images)
         ids = prompt + answer_ids
         if len(ids) > self.max_length:
             self.truncated += 1
@@ -108,34 +115,48 @@ class Processor:
 
         ``segment_ids`` (0 on the prefix, ``k`` on turn ``k``) let the model attend from each turn
         to the prefix and to itself only, with positions that continue from the prefix; each turn
-        is then computed exactly as if it were encoded alone (:meth:`encode`), but the images are
+        is then computed as if it were encoded alone (:meth:`encode`), but the images are
         processed once. (Plain concatenation would let a question read earlier answers, e.g. the
-        caption, instead of the image.) Turns that do not fit in ``max_length`` are dropped
-        (counted in ``truncated``); ``None`` when none fits.
+        caption, instead of the image.)
+
+        A turn with no prompt text after the images (a ``"{images}"`` template) predicts its
+        first answer token from the last image placeholder, which only the turn right after the
+        prefix can do: one such turn is put first, and any other loses that one label. Turns
+        that do not fit in ``max_length`` are dropped, each counted in ``truncated``; ``None``
+        when not even the first fits.
         """
-        encoded = [
-            self.encode(t["task"], question=t.get("question"), answer=t["answer"], num_images=num_images)
+        parts = [
+            self._parts(t["task"], question=t.get("question"), answer=t["answer"], num_images=num_images)
             for t in turns
         ]
-        if encoded[0] is None:
-            return None
-        ids = encoded[0]["input_ids"]
-        images = [i for i, token in enumerate(ids) if token == self.image_token_id]
+        first_prompt = parts[0][0]
+        images = [i for i, token in enumerate(first_prompt) if token == self.image_token_id]
         prefix = images[-1] + 1 if images else 0  # everything up to the last image placeholder
-        ids, labels = list(ids), list(encoded[0]["labels"])
+        if any(prompt[:prefix] != first_prompt[:prefix] for prompt, _ in parts):
+            raise ConfigError(
+                "packing turns needs templates that start with the images ('{images}...') so that "
+                "every turn shares them; set data.pack_turns = false"
+            )
+        order = sorted(range(len(turns)), key=lambda i: len(parts[i][0]) > prefix)  # stable
+        head = turns[order[0]]
+        first = self.encode(
+            head["task"], question=head.get("question"), answer=head["answer"], num_images=num_images
+        )
+        if first is None:
+            return None
+        ids, labels = list(first["input_ids"]), list(first["labels"])
         segments = [0] * prefix + [1] * (len(ids) - prefix)
-        for k, turn in enumerate(encoded[1:], start=2):
-            if turn is None or turn["input_ids"][:prefix] != ids[:prefix]:
-                raise ConfigError(
-                    "packing turns needs templates that start with the images ('{images}...') so "
-                    "that every turn shares them; set data.pack_turns = false"
-                )
-            suffix = turn["input_ids"][prefix:]
+        for k, i in enumerate(order[1:], start=2):
+            prompt, answer = parts[i]
+            suffix = prompt[prefix:] + answer
             if len(ids) + len(suffix) > self.max_length:
                 self.truncated += 1
-                break
+                continue
+            suffix_labels = [IGNORE_INDEX] * (len(prompt) - prefix) + answer
+            if len(prompt) == prefix:  # its first token would be predicted from the turn before
+                suffix_labels[0] = IGNORE_INDEX
             ids += suffix
-            labels += turn["labels"][prefix:]
+            labels += suffix_labels
             segments += [k] * len(suffix)
         return {"input_ids": ids, "labels": labels, "segment_ids": segments}
 

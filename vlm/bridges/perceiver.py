@@ -9,6 +9,7 @@ text token attends only to the latents of the most recent image at or before it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +76,7 @@ def _norm(dim: int, config: PerceiverConfig) -> nn.Module:
 
 
 def _mlp(dim: int, ratio: float, act: str) -> nn.Sequential:
-    hidden = int(dim * ratio)
+    hidden = round(dim * ratio)
     return nn.Sequential(
         nn.LayerNorm(dim),
         nn.Linear(dim, hidden, bias=False),
@@ -132,9 +133,10 @@ class GatedCrossAttentionBlock(nn.Module):
         )
         self.attn_gate = nn.Parameter(torch.zeros(1))
         if config.xattn_mlp == "swiglu":
-            self.mlp = nn.Sequential(_norm(dim, config), SwiGLU(dim, int(dim * config.xattn_mlp_ratio)))
-        else:
+            self.mlp = nn.Sequential(_norm(dim, config), SwiGLU(dim, round(dim * config.xattn_mlp_ratio)))
+        else:  # open_flamingo's: norm, Linear, GELU, Linear (its norm follows xattn_norm too)
             self.mlp = _mlp(dim, config.xattn_mlp_ratio, "gelu")
+            self.mlp[0] = _norm(dim, config)
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, h: Tensor, media: Media | None) -> Tensor:
@@ -155,10 +157,12 @@ class GatedCrossAttentionBlock(nn.Module):
         mask = block = None
         if n_img > 1:  # only the latest image is visible; one image needs no mask at all
             latest = (index - 1).clamp(min=0)  # rows with no image yet see image 0, zeroed below
-            if use_block_masks(h.device):
-                block = block_mask(
-                    lambda b, _, q, k: latest[b, q] == k // M, B, latest.shape[1], n_img * M, h.device
-                )
+            T = latest.shape[1]
+            if T > 1 and use_block_masks(h.device):  # one new token: a dense mask is tiny
+                block = media.block_masks.get(T)
+                if block is None:  # built once per forward, shared by every gated block
+                    block = block_mask(lambda b, _, q, k: latest[b, q] == k // M, B, T, n_img * M, h.device)
+                    media.block_masks[T] = block
             else:
                 key_image = torch.arange(n_img * M, device=h.device) // M  # (n_img*M,)
                 mask = (key_image[None, None, :] == latest[:, :, None]).unsqueeze(1)  # (B, 1, T, n_img*M)
@@ -183,6 +187,7 @@ class Media:
     latents: Tensor
     index: Tensor
     kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    block_masks: dict[int, Any] = field(default_factory=dict)
 
 
 @register_bridge("perceiver", PerceiverConfig)

@@ -73,11 +73,8 @@ def _qformer_state(weights: dict[str, torch.Tensor], depth: int) -> dict[str, to
     for i in range(depth):
         src, dst = f"encoder.layer.{i}.", f"layers.{i}."
         self_attn, cross = f"{src}attention.attention", f"{src}crossattention.attention"
-        for kind in ("weight", "bias"):
-            w[f"{self_attn}.qkv.{kind}"] = torch.cat(
-                [w.pop(f"{self_attn}.{p}.{kind}") for p in ("query", "key", "value")]
-            )
-        fuse(w, f"{cross}.key", f"{cross}.value", f"{cross}.kv")
+        fuse(w, [f"{self_attn}.{p}" for p in ("query", "key", "value")], f"{self_attn}.qkv")
+        fuse(w, [f"{cross}.key", f"{cross}.value"], f"{cross}.kv")
         rename |= {
             f"{self_attn}.qkv.": f"{dst}self_attn.qkv.",
             f"{src}attention.output.dense.": f"{dst}self_attn.out.",

@@ -104,10 +104,7 @@ def vit_state(weights: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
     for i in range(depth):
         src, dst = f"encoder.layers.{i}.", f"blocks.{i}."
         if f"{src}self_attn.qkv.weight" not in w:  # CLIP: separate q, k, v; BLIP-2 stores qkv fused
-            for kind in ("weight", "bias"):
-                w[f"{src}self_attn.qkv.{kind}"] = torch.cat(
-                    [w.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
-                )
+            fuse(w, [f"{src}self_attn.{p}_proj" for p in "qkv"], f"{src}self_attn.qkv")
         rename |= {
             f"{src}self_attn.qkv.": f"{dst}attn.qkv.",
             f"{src}self_attn.out_proj.": f"{dst}attn.out.",
@@ -128,11 +125,12 @@ def _position_table(w: dict[str, Tensor]) -> Tensor:
     return table.reshape(-1, table.shape[-1])
 
 
-def fuse(w: dict[str, Tensor], first: str, second: str, into: str) -> None:
-    """Concatenates the weight and bias of two projections (k and v) into one (``kv``)."""
+def fuse(w: dict[str, Tensor], parts: list[str], into: str) -> None:
+    """Concatenates the weights (and biases, when present) of separate projections (q, k, v) into
+    the one fused projection vlm uses."""
     for kind in ("weight", "bias"):
-        if f"{first}.{kind}" in w:
-            w[f"{into}.{kind}"] = torch.cat([w.pop(f"{first}.{kind}"), w.pop(f"{second}.{kind}")])
+        if f"{parts[0]}.{kind}" in w:
+            w[f"{into}.{kind}"] = torch.cat([w.pop(f"{p}.{kind}") for p in parts])
 
 
 def image_token_from_tokenizer(path: Path, token: str = "<image>") -> int:

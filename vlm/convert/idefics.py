@@ -126,7 +126,7 @@ def _bridge_state(weights: dict[str, torch.Tensor], hf: Any) -> dict[str, torch.
     rename = {"resampler.latents": "resampler.latents", "resampler.layer_norm.": "resampler.norm."}
     for i in range(hf.perceiver_config.resampler_depth):
         src, dst = f"resampler.blocks.{i}.", f"resampler.layers.{i}."
-        fuse(w, f"{src}0.k_proj", f"{src}0.v_proj", f"{src}0.kv")
+        fuse(w, [f"{src}0.k_proj", f"{src}0.v_proj"], f"{src}0.kv")
         rename |= {
             f"{src}0.context_layer_norm.": f"{dst}norm_media.",
             f"{src}0.latents_layer_norm.": f"{dst}norm_latents.",
@@ -140,7 +140,7 @@ def _bridge_state(weights: dict[str, torch.Tensor], hf: Any) -> dict[str, torch.
     for j in range(hf.num_hidden_layers // hf.cross_layer_interval):
         # IDEFICS's j-th gated layer runs before decoder layer j * interval: vlm's block of that layer.
         src, dst = f"gated.{j}.", f"blocks.{j * hf.cross_layer_interval}."
-        fuse(w, f"{src}cross_attn.k_proj", f"{src}cross_attn.v_proj", f"{src}cross_attn.kv")
+        fuse(w, [f"{src}cross_attn.k_proj", f"{src}cross_attn.v_proj"], f"{src}cross_attn.kv")
         rename |= {
             f"{src}alpha_cross_attn": f"{dst}attn_gate",
             f"{src}alpha_dense": f"{dst}mlp_gate",

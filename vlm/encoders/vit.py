@@ -75,7 +75,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = MultiHeadAttention(width, num_heads)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        hidden = int(width * mlp_ratio)
+        hidden = round(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,6 +89,8 @@ def _stem(config: ViTConfig) -> nn.Module:
     if config.stem == "patch":
         return nn.Conv2d(3, config.width, config.patch_size, config.patch_size, bias=config.patch_bias)
     steps = config.patch_size.bit_length() - 1
+    if config.stem == "conv" and config.patch_bias:
+        raise ConfigError("encoder.patch_bias is for stem='patch' (the conv stem has its own biases)")
     if config.stem != "conv" or 2**steps != config.patch_size:
         raise ConfigError(
             f"encoder.stem must be 'patch' or 'conv' (with a power-of-two patch_size), got "
