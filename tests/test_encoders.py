@@ -203,3 +203,18 @@ def test_vit_options_for_published_towers():
 def test_vit_bad_options_name_the_fix(option):
     with pytest.raises(ConfigError, match="encoder"):
         ViTEncoder(tiny.vit_config(**option))
+
+
+def test_vit_sincos_positions_tell_rows_and_columns_apart():
+    from vlm.encoders.vit import sincos_2d
+
+    table = sincos_2d(grid=4, width=32)
+    assert table.shape == (17, 32) and torch.equal(table[0], torch.zeros(32))
+    patches = table[1:].reshape(4, 4, 32)
+    assert torch.equal(patches[0, :, :16], patches[0, :1, :16].expand(4, -1))  # a row shares its row half
+    assert torch.equal(patches[:, 0, 16:], patches[:1, 0, 16:].expand(4, -1))  # a column its column half
+    assert len({tuple(p.tolist()) for p in table[1:]}) == 16  # every patch position is distinct
+    encoder = ViTEncoder(tiny.vit_config(pos_init="sincos"))
+    torch.testing.assert_close(encoder.pos_embed.data, sincos_2d(4, 32))
+    with pytest.raises(ConfigError, match="pos_init"):
+        ViTEncoder(tiny.vit_config(pos_init="rope"))

@@ -26,6 +26,9 @@ class ViTConfig:
         act: MLP activation: ``"gelu"``, ``"quick_gelu"`` (OpenAI CLIP) or ``"gelu_tanh"``.
         pre_norm: a LayerNorm after the embeddings (CLIP); BLIP-2's EVA ViT has none.
         patch_bias: a bias on the patch embedding (BLIP-2).
+        pos_init: ``"random"`` (small random position embeddings, learned) or ``"sincos"`` (a fixed
+            2-D sine-cosine table as the starting point, still learned; MAE's choice): a model
+            trained from scratch knows where each patch sits from the first step.
         stem: ``"patch"`` embeds each patch with one strided convolution (ViT, CLIP);
             ``"conv"`` with stride-2 3x3 convolutions down to the patch grid, which trains much
             faster from scratch (Xiao et al. 2021, "Early convolutions help transformers see
@@ -49,6 +52,7 @@ class ViTConfig:
     pre_norm: bool = True
     patch_bias: bool = False
     stem: str = "patch"
+    pos_init: str = "random"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     checkpoint: str | None = None
@@ -82,6 +86,19 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return x
+
+
+def sincos_2d(grid: int, width: int) -> Tensor:
+    """``(1 + grid**2, width)``: zeros for the class token, then per patch (row-major) sines and
+    cosines of its row (first half of the channels) and of its column (second half)."""
+    quarter = width // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    angles = torch.arange(grid, dtype=torch.float32)[:, None] * freqs[None]  # (grid, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, width / 2)
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    patches = torch.cat([rows, cols], dim=-1).reshape(grid * grid, width)
+    return torch.cat([torch.zeros(1, width), patches])
 
 
 def _stem(config: ViTConfig) -> nn.Module:
@@ -129,7 +146,15 @@ class ViTEncoder(ImageEncoder):
         self.grid = config.image_size // config.patch_size
         self.patch_embed = _stem(config)
         self.class_token = nn.Parameter(torch.randn(config.width) * config.width**-0.5)
-        self.pos_embed = nn.Parameter(torch.randn(self.grid**2 + 1, config.width) * 0.02)
+        if config.pos_init not in ("random", "sincos") or (config.pos_init == "sincos" and config.width % 4):
+            raise ConfigError(
+                f"encoder.pos_init must be 'random' or 'sincos' (with a width divisible by 4), got "
+                f"{config.pos_init!r}"
+            )
+        table = sincos_2d(self.grid, config.width) if config.pos_init == "sincos" else None
+        self.pos_embed = nn.Parameter(
+            torch.randn(self.grid**2 + 1, config.width) * 0.02 if table is None else table
+        )
         self.norm_pre = (
             nn.LayerNorm(config.width, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
         )
