@@ -83,6 +83,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _best_seconds(run, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``run()``."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        run()
+        _sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _per_token_seconds(model, name: str, images: int, size, tokens: int, repeats: int) -> float:
     """Seconds per new token after the prompt: (time for 1 + tokens) - (time for 1), per token."""
     prompt = make_inputs(name, model, size, 1, answer=0, seed=images)
@@ -96,14 +108,7 @@ def _per_token_seconds(model, name: str, images: int, size, tokens: int, repeats
     }
 
     def timed(n: int) -> float:
-        best = float("inf")
-        for _ in range(repeats):
-            _sync()
-            start = time.perf_counter()
-            generate(model, **inputs, max_new_tokens=n)
-            _sync()
-            best = min(best, time.perf_counter() - start)
-        return best
+        return _best_seconds(lambda: generate(model, **inputs, max_new_tokens=n), repeats)
 
     timed(2)  # warm-up
     return (timed(1 + tokens) - timed(1)) / tokens
@@ -138,14 +143,11 @@ def cache_rows(size: str = "small", rows: int = 16, tokens: int = 64, compile: b
     }
 
     def tokens_per_s(**options) -> float:
-        best = float("inf")
-        for _ in range(3):
-            _sync()
-            start = time.perf_counter()
-            generate(model, **prompt, max_new_tokens=tokens, **options)
-            _sync()
-            best = min(best, time.perf_counter() - start)
-        return rows * tokens / best
+        return (
+            rows
+            * tokens
+            / _best_seconds(lambda: generate(model, **prompt, max_new_tokens=tokens, **options), 3)
+        )
 
     variants = {"dynamic cache": {}, "static cache": {"cache": "static"}}
     results = [{"variant": name, "tokens_per_s": tokens_per_s(**o)} for name, o in variants.items()]
