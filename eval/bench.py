@@ -249,7 +249,7 @@ def set_trainable(name: str, model: nn.Module, which: str, *, ours: bool) -> lis
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -261,10 +261,10 @@ def race(
     times: dict[str, list[float]] = {k: [] for k in steps}
     for i in range(warmup + iters):
         for key, step in steps.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 times[key].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from eval.bench import SIZES, device_name, make_inputs, model_pair
+from eval.bench import sync as bench_sync
 from vlm.generate import generate
 
 # Each variant: recipe overrides on top of the shapes recipe.
@@ -79,8 +80,7 @@ def _device() -> torch.device:
 
 
 def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    bench_sync(_device())
 
 
 def _best_seconds(run, repeats: int) -> float:

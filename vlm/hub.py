@@ -136,15 +136,22 @@ def load_weights(model: VisionLanguageModel, path: str | Path) -> None:
         _load(lambda: model.bridge.load_state_dict(weights), file)
 
 
-def _load_full(model: VisionLanguageModel, weights: dict[str, Any]) -> None:
-    """Loads every weight; a tied weight (GPT-2's lm_head and wte) may be stored under either
-    name or both."""
-    result = model.load_state_dict(weights, strict=False)
-    alias = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
+def load_covering(module, weights: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Loads ``weights`` into ``module`` (not strict) and returns the keys left missing and the
+    unexpected ones; a tied weight (GPT-2's lm_head and wte) may be stored under either name or
+    both, so its other name is not missing."""
+    result = module.load_state_dict(weights, strict=False)
+    alias = {name: id(p) for name, p in module.named_parameters(remove_duplicate=False)}
     loaded = {alias[k] for k in weights if k in alias}
     missing = [k for k in result.missing_keys if alias.get(k) not in loaded]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    return missing, list(result.unexpected_keys)
+
+
+def _load_full(model: VisionLanguageModel, weights: dict[str, Any]) -> None:
+    """Loads every weight."""
+    missing, unexpected = load_covering(model, weights)
+    if missing or unexpected:
+        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 def load_tokenizer(path: str | Path):

@@ -47,14 +47,12 @@ def select(weights: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Te
 def load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
     """Loads ``state`` into ``module``; every parameter must be covered (a tied weight under
     either of its names) and every tensor used."""
-    result = module.load_state_dict(state, strict=False)
-    alias = {name: id(p) for name, p in module.named_parameters(remove_duplicate=False)}
-    loaded = {alias[k] for k in state if k in alias}
-    missing = [k for k in result.missing_keys if alias.get(k) not in loaded]
-    if missing or result.unexpected_keys:
+    from vlm.hub import load_covering
+
+    missing, unexpected = load_covering(module, state)
+    if missing or unexpected:
         raise ConfigError(
-            f"the checkpoint's {what} weights do not fit: missing {missing[:4]}, "
-            f"unexpected {result.unexpected_keys[:4]}"
+            f"the checkpoint's {what} weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
 
 
