@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from data.packing import PackedStream
 from data.pipeline import ImageTextShards
 
 log = logging.getLogger(__name__)
@@ -124,17 +125,19 @@ def collate(examples: list[dict[str, Any]], processor, *, side: str = "right") -
     """A batch: padded ``input_ids`` / ``attention_mask`` / ``labels``; the images as
     ``pixel_values`` ``(N_distinct, 3, H, W)`` (or their cached ``image_features``) with
     ``image_index`` ``(N_img,)`` giving every image of the batch in reading order, so examples
-    drawn from the same sample share one encoding; and the examples' metadata."""
+    drawn from the same sample share one encoding; and the examples' metadata. A packed row
+    (``PackedStream``) carries a list of its examples' images and a list of each metadata field."""
     batch = processor.pad(examples, side=side)
     visual = "image_features" if "image_features" in examples[0] else "pixel_values"
     rows: dict[int, int] = {}  # examples of one sample carry the very same tensor
     distinct, index = [], []
     for example in examples:
-        tensor = example[visual]
-        if id(tensor) not in rows:
-            rows[id(tensor)] = sum(len(t) for t in distinct)
-            distinct.append(tensor)
-        index += range(rows[id(tensor)], rows[id(tensor)] + len(tensor))
+        tensors = example[visual] if isinstance(example[visual], list) else [example[visual]]
+        for tensor in tensors:
+            if id(tensor) not in rows:
+                rows[id(tensor)] = sum(len(t) for t in distinct)
+                distinct.append(tensor)
+            index += range(rows[id(tensor)], rows[id(tensor)] + len(tensor))
     batch[visual] = torch.cat(distinct)
     batch["image_index"] = torch.tensor(index, dtype=torch.long)
     for field in ("task", "key", "question", "answers", "references"):
@@ -153,6 +156,7 @@ def make_loader(
     padding_side: str = "right",
     example_split: tuple[int, int] = (0, 1),
     pack_turns: bool = False,
+    pack_length: int = 0,
     **shard_options: Any,
 ) -> DataLoader:
     """A DataLoader of model batches from shards.
@@ -160,6 +164,9 @@ def make_loader(
     Args:
         example_split: ``(rank, world_size)`` for round-robin example dealing (see
             :class:`ExampleStream`); shard dealing is set through ``shard_options``.
+        pack_turns: see :class:`ExampleStream`.
+        pack_length: pack several examples into rows of up to this many tokens
+            (:class:`data.packing.PackedStream`); 0 for one example per row.
         shard_options: passed to :class:`ImageTextShards`.
     """
     rank, world_size = example_split
@@ -167,6 +174,8 @@ def make_loader(
     stream = ExampleStream(
         samples, processor, transform, tasks, rank=rank, world_size=world_size, pack_turns=pack_turns
     )
+    if pack_length:
+        stream = PackedStream(stream, processor, pack_length)
     return DataLoader(
         stream,
         batch_size=batch_size,

@@ -32,6 +32,9 @@ class DataConfig:
         pack_turns: one sequence per sample, its caption and questions as turns after one
             shared image prefix (each turn attends to the images and itself only), instead of
             one sequence per example.
+        pack_length: several examples (or packed samples) per row, up to this many tokens,
+            each attending to itself only: no padding to pay for. 0: one per row. Batches
+            then hold ``run.batch_size`` rows of this length.
     """
 
     train: str = ""
@@ -46,6 +49,7 @@ class DataConfig:
     num_workers: int = 0
     split: str = "shard"
     pack_turns: bool = False
+    pack_length: int = 0
     templates: dict[str, str] = field(default_factory=dict)
 
 

@@ -45,6 +45,7 @@ MODEL_INPUTS = (
     "image_features",
     "image_index",
     "segment_ids",
+    "sample_ids",
 )
 
 
@@ -153,6 +154,7 @@ def make_train_loader(
         num_workers=data.num_workers,
         example_split=(env.rank, env.world_size) if by_example else (0, 1),
         pack_turns=data.pack_turns,
+        pack_length=data.pack_length,
         shuffle_buffer=data.shuffle_buffer,
         seed=recipe.run.seed,
         **shard_rank,

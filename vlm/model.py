@@ -72,6 +72,7 @@ class VisionLanguageModel(nn.Module):
         image_index: Tensor | None = None,
         image_attention_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        sample_ids: Tensor | None = None,
         loss_reduction: str = "mean",
         full_logits: bool = True,
     ) -> VLMOutput:
@@ -95,6 +96,10 @@ class VisionLanguageModel(nn.Module):
             segment_ids: ``(B, T)`` for rows packed as a shared prefix (0) followed by turns
                 (1, 2, ...; see ``Processor.encode_turns``): each turn attends to the prefix and
                 to itself, at positions continuing from the prefix.
+            sample_ids: ``(B, T)`` for rows packing several samples (0, 1, 2, ... in order; see
+                ``Processor.pack``): a token attends within its own sample only (images
+                included), at positions that restart with each sample. Combines with
+                ``segment_ids`` (turns inside each sample).
             loss_reduction: ``"mean"`` over counted tokens, or ``"sum"`` (the trainer divides
                 by the token count of the whole global batch).
             full_logits: with ``labels``, ``False`` runs the LM head only at the positions that
@@ -102,7 +107,7 @@ class VisionLanguageModel(nn.Module):
                 ``logits`` ``(B, K, vocab)`` hold those ``K`` positions only. Training uses it.
         """
         embeds, is_image = self.prepare_inputs(
-            input_ids, pixel_values, image_features, image_index, image_attention_mask
+            input_ids, pixel_values, image_features, image_index, image_attention_mask, sample_ids
         )
         keep = None
         if labels is not None:
@@ -115,14 +120,17 @@ class VisionLanguageModel(nn.Module):
                 keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         extra = {} if keep is None else {"logits_to_keep": keep}
         mask = attention_mask
-        if segment_ids is not None:
+        if segment_ids is not None or sample_ids is not None:
             implementation = self.decoder.lm.config._attn_implementation
             if implementation not in ("sdpa", "eager"):
                 raise ValueError(
-                    f"packed turns (segment_ids) need a decoder with attn_implementation 'sdpa' or "
-                    f"'eager' (a 4-D mask), not {implementation!r}; set data.pack_turns = false"
+                    f"packed rows (segment_ids, sample_ids) need a decoder with attn_implementation "
+                    f"'sdpa' or 'eager' (a 4-D mask), not {implementation!r}; set data.pack_turns = "
+                    "false and data.pack_length = 0"
                 )
-            mask, extra["position_ids"] = turn_mask(segment_ids, attention_mask, dtype=embeds.dtype)
+            mask, extra["position_ids"] = packed_mask(
+                segment_ids, sample_ids, attention_mask, dtype=embeds.dtype
+            )
         out = self.decoder(embeds, attention_mask=mask, use_cache=False, **extra)
         if self.bridge.cross_attention and not self._recompute_needs_media():
             self.bridge.set_media(None)
@@ -145,6 +153,7 @@ class VisionLanguageModel(nn.Module):
         image_features: Tensor | None = None,
         image_index: Tensor | None = None,
         image_attention_mask: Tensor | None = None,
+        sample_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The LM's input embeddings for ``input_ids`` with the images in place.
 
@@ -166,7 +175,7 @@ class VisionLanguageModel(nn.Module):
             visual = visual[image_index]  # encoded once, placed wherever the image appears
         self._check_image_count(is_image, visual)
         if self.bridge.cross_attention:
-            self.bridge.set_media(visual, is_image)
+            self.bridge.set_media(visual, is_image, sample_ids)
         elif visual is not None:
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
         return embeds, is_image
@@ -231,19 +240,28 @@ class VisionLanguageModel(nn.Module):
         return from_pretrained(path)
 
 
-def turn_mask(
-    segment_ids: Tensor, attention_mask: Tensor | None, *, dtype: torch.dtype = torch.float32
+def packed_mask(
+    segment_ids: Tensor | None,
+    sample_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """The additive ``(B, 1, T, T)`` mask (0 or the dtype's minimum) and ``(B, T)`` positions of
-    rows packed as a shared prefix (segment 0) plus turns: causal, and a turn sees only the prefix
-    and itself. Padding queries see themselves, so no row of the mask is empty."""
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
-    allowed = causal & ((key == 0) | (key == query))
+    packed rows: causal; a token sees only its own sample (``sample_ids``), and inside it only the
+    shared prefix (segment 0) and its own turn (``segment_ids``). Either may be ``None``.
+    Padding queries see themselves, so no row of the mask is empty."""
+    ids = segment_ids if segment_ids is not None else sample_ids
+    T = ids.shape[1]
+    allowed = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()[None]
+    if segment_ids is not None:
+        query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+        allowed = allowed & ((key == 0) | (key == query))
+    if sample_ids is not None:
+        allowed = allowed & (sample_ids[:, :, None] == sample_ids[:, None, :])
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
-    # A token's position is the number of tokens it sees before it: the prefix, then its own turn.
+    # A token's position is the number of tokens it sees before it: its sample's prefix, then its turn.
     positions = (allowed.sum(-1) - 1).clamp(min=0)
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=allowed.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

@@ -160,6 +160,28 @@ class Processor:
             segments += [k] * len(suffix)
         return {"input_ids": ids, "labels": labels, "segment_ids": segments}
 
+    def pack(self, encoded: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+        """Several encoded samples (from :meth:`encode` or :meth:`encode_turns`) in one row.
+
+        ``sample_ids`` (0, 1, ... per sample) make the model attend within each sample only, at
+        positions that restart with it: every sample computes what it computes alone, and the
+        row has no padding to pay for. A sample's images stay in reading order, so the row's
+        images are its samples' images one after another.
+        """
+        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "sample_ids": []}
+        turns = any("segment_ids" in e for e in encoded)
+        if turns:
+            row["segment_ids"] = []
+        for k, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            row["input_ids"] += e["input_ids"]
+            # The first token of a sample is never predicted from the sample before it.
+            row["labels"] += ([IGNORE_INDEX] + e["labels"][1:]) if k else e["labels"]
+            row["sample_ids"] += [k] * n
+            if turns:
+                row["segment_ids"] += e.get("segment_ids", [1] * n)
+        return row
+
     def pad(self, encoded: list[dict[str, list[int]]], *, side: str = "right") -> dict[str, torch.Tensor]:
         """Pads to the longest: ``side="right"`` for training, ``"left"`` for generation."""
         if side not in ("left", "right"):
@@ -173,6 +195,8 @@ class Processor:
             batch["labels"] = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
         if any("segment_ids" in e for e in encoded):  # a row without turns is one segment after its prefix
             batch["segment_ids"] = torch.zeros(len(encoded), length, dtype=torch.long)
+        if any("sample_ids" in e for e in encoded):  # a row without them is one sample
+            batch["sample_ids"] = torch.zeros(len(encoded), length, dtype=torch.long)
         for row, e in enumerate(encoded):
             n = len(e["input_ids"])
             cols = slice(length - n, length) if side == "left" else slice(0, n)
@@ -182,4 +206,6 @@ class Processor:
                 batch["labels"][row, cols] = torch.tensor(e["labels"])
             if "segment_ids" in batch:
                 batch["segment_ids"][row, cols] = torch.tensor(e.get("segment_ids", [1] * n))
+            if "sample_ids" in batch:
+                batch["sample_ids"][row, cols] = torch.tensor(e.get("sample_ids", [0] * n))
         return batch

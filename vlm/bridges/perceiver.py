@@ -236,12 +236,16 @@ class PerceiverBridge(Bridge):
 
         return before_layer
 
-    def set_media(self, latents: Tensor | None, image_positions: Tensor | None = None) -> None:
+    def set_media(
+        self, latents: Tensor | None, image_positions: Tensor | None = None, sample_ids: Tensor | None = None
+    ) -> None:
         """What the LM attends to from now on (``None``: no images).
 
         Args:
             latents: ``(N_img, M, D)``, the images of the batch in reading order.
             image_positions: ``(B, T)`` bool, True at each ``<image>`` token.
+            sample_ids: ``(B, T)`` for rows packing several samples: a token sees no image of
+                an earlier sample.
         """
         if latents is None:
             self._media = None
@@ -250,7 +254,16 @@ class PerceiverBridge(Bridge):
         n_max = max(int(counts.max()), 1)
         media = latents.new_zeros(image_positions.shape[0], n_max, *latents.shape[1:])
         media[torch.arange(n_max, device=counts.device)[None] < counts[:, None]] = latents
-        self._media = Media(media, image_positions.long().cumsum(1))
+        index = image_positions.long().cumsum(1)
+        if sample_ids is not None:
+            # Images seen before the token's sample began: the count at each sample's first token
+            # (excluding it), carried along the sample. The count never falls, so cummax carries it.
+            before = index - image_positions.long()
+            starts = torch.ones_like(sample_ids, dtype=torch.bool)
+            starts[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]
+            earlier = torch.where(starts, before, 0).cummax(1).values
+            index = torch.where(index > earlier, index, 0)
+        self._media = Media(media, index)
 
     def set_media_from_mask(self, latents: Tensor, image_attention_mask: Tensor) -> None:
         """What the LM attends to, given as IDEFICS does.

@@ -1,0 +1,138 @@
+"""Sequence packing: several examples per row compute exactly what each computes alone."""
+
+import dataclasses
+import io
+import json
+
+import pytest
+import tiny
+import torch
+import webdataset as wds
+from PIL import Image
+from test_processor import word_tokenizer
+
+from data.loader import make_loader
+from data.packing import PackedStream
+from data.transforms import image_transform
+from vlm import ConfigError, build_model
+from vlm.processor import Processor
+
+TURNS = [
+    {"task": "caption", "answer": "a red square"},
+    {"task": "vqa", "question": "what color is it ?", "answer": "red"},
+]
+
+
+def tiny_model(bridge, decoder, attention="sdpa"):
+    tok = word_tokenizer()
+    config = tiny.model_config("vit", bridge, decoder, attn_implementation=attention)
+    config.decoder.hf_config = {**config.decoder.hf_config, "vocab_size": len(tok)}
+    config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    model = build_model(config).eval()
+    return model, Processor(tok, tokens_per_image=model.tokens_per_image)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("bridge", ["mlp2x_gelu", "qformer", "perceiver"])
+@pytest.mark.parametrize("decoder", ["gpt2", "llama", "opt"])
+def test_packed_samples_compute_exactly_what_each_computes_alone(bridge, decoder, attention):
+    """Three samples, each with its own image, in one row (one of them packed turns): every
+    sample's logits and loss equal its own row's, so no sample sees another's text or image."""
+    model, proc = tiny_model(bridge, decoder, attention)
+    samples = [
+        proc.encode_turns(TURNS),
+        proc.encode("vqa", question="what is it ?", answer="a square"),
+        proc.encode("caption", answer="a blue square"),
+    ]
+    pixels = torch.randn(len(samples), 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    row = proc.pack(samples)
+    assert len(row["input_ids"]) == sum(len(s["input_ids"]) for s in samples)
+    other = proc.encode("vqa", question="what color is it ?", answer="blue")  # a shorter padded row
+    batch = proc.pad([row, other])
+    out = model(**batch, pixel_values=torch.cat([pixels, pixels[:1]]), loss_reduction="sum")
+
+    alone_sum = torch.zeros(())
+    sample_ids = torch.tensor(row["sample_ids"])
+    for k, sample in enumerate(samples):
+        alone = model(**proc.pad([sample]), pixel_values=pixels[k : k + 1], loss_reduction="sum")
+        torch.testing.assert_close(out.logits[0, sample_ids == k], alone.logits[0], atol=1e-5, rtol=1e-5)
+        alone_sum += alone.loss
+    alone_sum += model(**proc.pad([other]), pixel_values=pixels[:1], loss_reduction="sum").loss
+    torch.testing.assert_close(out.loss, alone_sum, atol=1e-4, rtol=1e-5)
+
+
+def test_a_packed_sample_is_not_predicted_from_the_one_before():
+    _, proc = tiny_model("linear", "gpt2")
+    first, second = proc.encode("caption", answer="a red square"), proc.encode("caption", answer="red")
+    second["labels"][0] = second["input_ids"][0]  # even a labelled first token
+    row = proc.pack([first, second])
+    assert row["labels"][len(first["labels"])] == -100
+    assert row["sample_ids"] == [0] * len(first["input_ids"]) + [1] * len(second["input_ids"])
+    assert "segment_ids" not in row  # no turns: the sample ids alone mask the row
+
+
+class Examples(torch.utils.data.IterableDataset):
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        for i, n in enumerate(self.lengths):
+            yield {
+                "input_ids": [i] * n,
+                "labels": [-100] * n,
+                "pixel_values": torch.full((1, 3, 2, 2), float(i)),
+                "task": "caption",
+                "key": str(i),
+            }
+
+
+def test_rows_hold_every_example_once_and_never_exceed_the_length():
+    _, proc = tiny_model("linear", "gpt2")
+    proc.max_length = 10
+    lengths = [7, 3, 5, 5, 2, 9, 1, 4, 8, 6]
+    rows = list(PackedStream(Examples(lengths), proc, 10, open_rows=3))
+    assert all(len(r["input_ids"]) <= 10 for r in rows)
+    keys = [k for r in rows for k in r["key"]]
+    assert sorted(keys, key=int) == [str(i) for i in range(len(lengths))]
+    assert len(rows) == 6  # 50 tokens in rows of 10: first fit over 3 open rows wastes one row
+    for r in rows:  # each example's images travel with it, in the row's reading order
+        assert [int(p[0, 0, 0, 0]) for p in r["pixel_values"]] == [int(k) for k in r["key"]]
+    assert [r["key"] for r in rows] == [r["key"] for r in PackedStream(Examples(lengths), proc, 10, open_rows=3)]
+
+
+def test_rows_shorter_than_an_example_are_refused():
+    _, proc = tiny_model("linear", "gpt2")
+    with pytest.raises(ConfigError, match="pack_length"):
+        PackedStream(Examples([]), proc, proc.max_length - 1)
+
+
+def test_packed_batches_from_shards_train_a_model(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
+    with wds.TarWriter(str(tmp_path / "s.tar")) as tar:
+        for i in range(6):
+            text = {"caption": "a red square", "qa": [{"question": "what color is it ?", "answer": "red"}]}
+            tar.write({"__key__": f"{i:03d}", "png": buffer.getvalue(), "json": json.dumps(text).encode()})
+    model, proc = tiny_model("perceiver", "llama")
+    proc.max_length = 32
+    transform = image_transform(tiny.IMAGE_SIZE, model.encoder.mean, model.encoder.std, mode="pad")
+    plain = list(make_loader(str(tmp_path / "s.tar"), proc, transform, batch_size=4, shuffle_buffer=0))
+    packed = list(
+        make_loader(str(tmp_path / "s.tar"), proc, transform, batch_size=2, shuffle_buffer=0, pack_length=64)
+    )
+    assert sum(int(b["attention_mask"].sum()) for b in packed) == sum(
+        int(b["attention_mask"].sum()) for b in plain
+    )
+    assert sum(b["input_ids"].numel() for b in packed) < sum(b["input_ids"].numel() for b in plain)
+    batch = packed[0]
+    assert batch["image_index"].tolist() == sorted(batch["image_index"].tolist())  # reading order
+    assert len(batch["image_index"]) == int((batch["input_ids"] == model.image_token_id).sum())
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "labels", "image_index")}
+    model.train()
+    loss = model(**inputs, sample_ids=batch["sample_ids"], full_logits=False).loss
+    loss.backward()
+    gates = [block.attn_gate.grad for block in model.bridge.blocks.values()]  # gates start at 0
+    assert torch.isfinite(loss) and any(g.abs().sum() > 0 for g in gates)
