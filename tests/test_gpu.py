@@ -36,3 +36,25 @@ def test_bf16_autocast_training_step_gives_finite_gradients():
     loss.backward()
     grads = [p.grad for p in model.bridge.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_packed_rows_train_through_flex_attention_block_masks():
+    """On a GPU, FlexAttention trains: a packed row's loss and gradients through the LM's
+    flex_attention (a BlockMask) equal those through sdpa's dense mask."""
+    from test_packing import TURNS, tiny_model
+
+    model, proc = tiny_model("mlp2x_gelu", "llama")
+    model.cuda().train()
+    row = proc.pack([proc.encode_turns(TURNS), proc.encode("caption", answer="a blue square")])
+    batch = {k: v.cuda() for k, v in proc.pad([row]).items()}
+    pixels = torch.randn(2, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE, device="cuda")
+    results = []
+    for implementation in ("sdpa", "flex_attention"):
+        model.decoder.lm.set_attn_implementation(implementation)
+        model.zero_grad()
+        loss = model(**batch, pixel_values=pixels, full_logits=False).loss
+        loss.backward()
+        results.append((loss.detach(), model.bridge.linear_1.weight.grad.clone()))
+    (dense_loss, dense_grad), (flex_loss, flex_grad) = results
+    torch.testing.assert_close(flex_loss, dense_loss, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flex_grad, dense_grad, atol=1e-4, rtol=1e-3)

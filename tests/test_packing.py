@@ -136,3 +136,63 @@ def test_packed_batches_from_shards_train_a_model(tmp_path):
     loss.backward()
     gates = [block.attn_gate.grad for block in model.bridge.blocks.values()]  # gates start at 0
     assert torch.isfinite(loss) and any(g.abs().sum() > 0 for g in gates)
+
+
+def random_layout(generator, rows=3, length=40):
+    """Rows of 1-3 samples, each a prefix and 0-3 turns, then padding."""
+    segments, samples, valid = [], [], []
+    for _ in range(rows):
+        seg, sam = [], []
+        for k in range(int(torch.randint(1, 4, (1,), generator=generator))):
+            seg += [0] * int(torch.randint(1, 5, (1,), generator=generator))
+            for turn in range(1, int(torch.randint(1, 4, (1,), generator=generator)) + 1):
+                seg += [turn] * int(torch.randint(1, 5, (1,), generator=generator))
+            sam += [k] * (len(seg) - len(sam))
+        n = min(len(seg), length)
+        segments.append(seg[:n] + [0] * (length - n))
+        samples.append(sam[:n] + [0] * (length - n))
+        valid.append([1] * n + [0] * (length - n))
+    return torch.tensor(segments), torch.tensor(samples), torch.tensor(valid)
+
+
+def test_positions_count_what_each_token_sees():
+    """The O(T) positions equal the number of keys each token attends to before itself."""
+    from vlm.packing import packed_positions, packed_rule
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        segments, samples, valid = random_layout(generator)
+        B, T = segments.shape
+        b, q = torch.arange(B)[:, None, None], torch.arange(T)[None, :, None]
+        seen = packed_rule(segments, samples, valid)(b, None, q, q.transpose(1, 2))
+        expected = seen.sum(-1) - 1
+        got = packed_positions(segments, samples)
+        assert torch.equal(got[valid.bool()], expected[valid.bool()])
+        got = packed_positions(None, samples)  # samples without turns
+        expected = packed_rule(None, samples, valid)(b, None, q, q.transpose(1, 2)).sum(-1) - 1
+        assert torch.equal(got[valid.bool()], expected[valid.bool()])
+
+
+@pytest.mark.parametrize("decoder", ["llama", "opt"])  # transformers' GPT-2 has no flex_attention
+def test_flex_attention_decoders_take_packed_rows_as_a_block_mask(decoder):
+    """With attn_implementation="flex_attention" the packed row goes to the LM as a FlexAttention
+    BlockMask, no T x T mask: the logits equal sdpa's dense-mask logits. (FlexAttention has no
+    backward on CPU, hence inference here; on GPUs it trains.)"""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    model, proc = tiny_model("perceiver", decoder)
+    row = proc.pack([proc.encode_turns(TURNS), proc.encode("caption", answer="a blue square")])
+    batch = proc.pad([row, proc.encode("vqa", question="what color is it ?", answer="blue")])
+    pixels = torch.randn(3, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    with torch.no_grad():
+        dense = model(**batch, pixel_values=pixels).logits
+        model.decoder.lm.set_attn_implementation("flex_attention")
+        seen = []
+        hook = model.decoder.lm.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+        )
+        flex = model(**batch, pixel_values=pixels).logits
+        hook.remove()
+    assert isinstance(seen[0], BlockMask)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(flex[real], dense[real], atol=1e-5, rtol=1e-5)

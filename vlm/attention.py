@@ -5,7 +5,7 @@ Inputs are laid out ``(B, heads, L, head_dim)``. The work goes to
 memory-efficient or math kernel for the device; softmax(QK^T) is never written by hand.
 Structured masks (Flamingo's media mask) go to FlexAttention as block masks on GPUs, where a
 dense boolean mask would rule out the fused kernels; on CPU, where FlexAttention runs unfused,
-the dense mask is faster and is kept.
+the dense mask is faster and is kept. (Packed rows inside the LM: see ``vlm.packing``.)
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import vlm.bridges  # noqa: F401  (fills the registries)
 import vlm.decoders  # noqa: F401
 import vlm.encoders  # noqa: F401
 from vlm.config import ModelConfig
+from vlm.packing import packed_mask
 from vlm.registry import BRIDGES, DECODERS, ENCODERS
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss
@@ -121,15 +122,12 @@ class VisionLanguageModel(nn.Module):
         extra = {} if keep is None else {"logits_to_keep": keep}
         mask = attention_mask
         if segment_ids is not None or sample_ids is not None:
-            implementation = self.decoder.lm.config._attn_implementation
-            if implementation not in ("sdpa", "eager"):
-                raise ValueError(
-                    f"packed rows (segment_ids, sample_ids) need a decoder with attn_implementation "
-                    f"'sdpa' or 'eager' (a 4-D mask), not {implementation!r}; set data.pack_turns = "
-                    "false and data.pack_length = 0"
-                )
             mask, extra["position_ids"] = packed_mask(
-                segment_ids, sample_ids, attention_mask, dtype=embeds.dtype
+                segment_ids,
+                sample_ids,
+                attention_mask,
+                implementation=self.decoder.lm.config._attn_implementation,
+                dtype=embeds.dtype,
             )
         out = self.decoder(embeds, attention_mask=mask, use_cache=False, **extra)
         if self.bridge.cross_attention and not self._recompute_needs_media():
@@ -238,34 +236,6 @@ class VisionLanguageModel(nn.Module):
         from vlm.hub import from_pretrained
 
         return from_pretrained(path)
-
-
-def packed_mask(
-    segment_ids: Tensor | None,
-    sample_ids: Tensor | None,
-    attention_mask: Tensor | None,
-    *,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor]:
-    """The additive ``(B, 1, T, T)`` mask (0 or the dtype's minimum) and ``(B, T)`` positions of
-    packed rows: causal; a token sees only its own sample (``sample_ids``), and inside it only the
-    shared prefix (segment 0) and its own turn (``segment_ids``). Either may be ``None``.
-    Padding queries see themselves, so no row of the mask is empty."""
-    ids = segment_ids if segment_ids is not None else sample_ids
-    T = ids.shape[1]
-    allowed = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()[None]
-    if segment_ids is not None:
-        query, key = segment_ids[:, :, None], segment_ids[:, None, :]
-        allowed = allowed & ((key == 0) | (key == query))
-    if sample_ids is not None:
-        allowed = allowed & (sample_ids[:, :, None] == sample_ids[:, None, :])
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, :]
-    # A token's position is the number of tokens it sees before it: its sample's prefix, then its turn.
-    positions = (allowed.sum(-1) - 1).clamp(min=0)
-    allowed = allowed | torch.eye(T, dtype=torch.bool, device=allowed.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None], positions
 
 
 def answer_loss(logits: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:

@@ -38,7 +38,9 @@ class HFDecoderConfig:
             used when ``pretrained`` is not set.
         freeze: keep the LM's weights fixed in training.
         lora: add LoRA adapters (implies a frozen base).
-        attn_implementation: ``"sdpa"`` or ``"flash_attention_2"``.
+        attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` (when flash-attn is installed) or
+            ``"flex_attention"`` (packed rows then take a FlexAttention block mask instead of a
+            dense ``T x T`` one; it trains on GPUs only, as FlexAttention has no CPU backward).
         dtype: weights' dtype, e.g. ``"bfloat16"``; ``None`` keeps float32.
     """
 
