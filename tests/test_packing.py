@@ -157,7 +157,7 @@ def random_layout(generator, rows=3, length=40):
 
 def test_positions_count_what_each_token_sees():
     """The O(T) positions equal the number of keys each token attends to before itself."""
-    from vlm.packing import packed_positions, packed_rule
+    from vlm.packing import packed_mask, packed_positions, packed_rule
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -168,6 +168,8 @@ def test_positions_count_what_each_token_sees():
         expected = seen.sum(-1) - 1
         got = packed_positions(segments, samples)
         assert torch.equal(got[valid.bool()], expected[valid.bool()])
+        # Padding may continue a sample past the LM's last position: it gets position 0.
+        assert not packed_mask(segments, samples, valid)[1][~valid.bool()].any()
         got = packed_positions(None, samples)  # samples without turns
         expected = packed_rule(None, samples, valid)(b, None, q, q.transpose(1, 2)).sum(-1) - 1
         assert torch.equal(got[valid.bool()], expected[valid.bool()])

@@ -92,6 +92,8 @@ def packed_mask(
     B, T = ids.shape
     rule = packed_rule(segment_ids, sample_ids, attention_mask)
     positions = packed_positions(segment_ids, sample_ids)
+    if attention_mask is not None:  # padding may continue a sample past the LM's longest position
+        positions = positions.masked_fill(attention_mask == 0, 0)
     if implementation == "flex_attention":
         return block_mask(rule, B, T, T, ids.device), positions
     b = torch.arange(B, device=ids.device)[:, None, None]
