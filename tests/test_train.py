@@ -181,8 +181,9 @@ def test_run_outputs(shapes_dir, tmp_path):
     summary = train(recipe_from_dict(tiny_recipe(shapes_dir, out, max_steps=4)), progress=False)
     log = read_log(out / "log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(
-        {"loss", "lr", "samples_per_s"} <= set(r) for r in log
+        {"loss", "lr", "samples_per_s", "fill"} <= set(r) for r in log
     )
+    assert all(0 < r["fill"] <= 1 for r in log)
     assert (out / "loss.png").stat().st_size > 1000
     assert list((out / "tensorboard").iterdir())
     assert json.loads((out / "summary.json").read_text())["steps"] == 4

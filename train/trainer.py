@@ -298,6 +298,9 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens": int(tokens),
+            # Real tokens over row slots on this rank: what padding wastes (packing raises it).
+            "fill": sum(int(b["attention_mask"].sum()) for b in batches)
+            / sum(b["attention_mask"].numel() for b in batches),
             "samples_per_s": run.batch_size / seconds,
             "epoch": stream.epoch,
             "skipped_steps": state["skipped_steps"],
