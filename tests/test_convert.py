@@ -138,3 +138,26 @@ def test_a_checkpoint_missing_tensors_gets_a_clear_error(checkpoints, tmp_path):
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(vlm.ConfigError, match="class_embedding"):
         vlm.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_tensors_the_conversion_leaves_behind_are_named(checkpoints, name, tmp_path, caplog):
+    """A full conversion leaves nothing behind (no warning); a tensor with no place in vlm's
+    model is named in a warning instead of vanishing silently."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _, _ = checkpoints[name]
+    with caplog.at_level("WARNING", logger="vlm.convert.common"):
+        vlm.from_pretrained(path)
+    assert "not loaded" not in caplog.text
+
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    weights = load_file(path / "model.safetensors")
+    weights["image_newline"] = torch.zeros(4)  # e.g. a LLaVA-NeXT tensor vlm has no use for
+    save_file(weights, tmp_path / "model.safetensors")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlm.convert.common"):
+        vlm.from_pretrained(tmp_path)
+    assert "1 tensor(s)" in caplog.text and "image_newline" in caplog.text

@@ -57,6 +57,7 @@ def convert_blip2(path: Path, hf: Any) -> VisionLanguageModel:
     load_exact(model.encoder, vit, "vision tower")
     load_exact(model.bridge, _qformer_state(weights, qformer.num_hidden_layers), "Q-Former")
     load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
+    weights.warn_unused()
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +14,45 @@ from vlm.config import ConfigError
 from vlm.encoders.base import CLIP_MEAN, CLIP_STD
 from vlm.encoders.vit import ViTConfig
 
+log = logging.getLogger(__name__)
 
-def read_weights(path: Path) -> dict[str, Tensor]:
+
+class Checkpoint(dict):
+    """A checkpoint's tensors by name, remembering which ones :func:`select` took, so that a
+    conversion can say what it left behind."""
+
+    def __init__(self, tensors: dict[str, Tensor], source: Path):
+        super().__init__(tensors)
+        self.source = source
+        self.selected: set[str] = set()
+
+    def warn_unused(self) -> list[str]:
+        """Logs (and returns) the tensors no part of the model took."""
+        unused = sorted(set(self) - self.selected)
+        if unused:
+            shown = ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else "")
+            log.warning(
+                "%d tensor(s) in %s have no place in the converted model and were not loaded: %s",
+                len(unused),
+                self.source,
+                shown,
+            )
+        return unused
+
+
+def read_weights(path: Path) -> Checkpoint:
     """Every tensor of a transformers directory: ``model.safetensors``, its sharded index, or
     ``pytorch_model.bin``."""
     from safetensors.torch import load_file
 
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return Checkpoint(load_file(path / "model.safetensors"), path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(path / f).items()}
+        return Checkpoint({k: v for f in files for k, v in load_file(path / f).items()}, path)
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return Checkpoint(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True), path)
     raise ConfigError(
         f"no weights in {str(path)!r}: expected model.safetensors, model.safetensors.index.json "
         "or pytorch_model.bin"
@@ -34,13 +60,17 @@ def read_weights(path: Path) -> dict[str, Tensor]:
 
 
 def select(weights: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Tensor]:
-    """The tensors under any of ``prefixes`` (old -> new; the first match renames a key)."""
-    out = {}
+    """The tensors under any of ``prefixes`` (old -> new; the first match renames a key). Taken
+    from a :class:`Checkpoint`, they count as used."""
+    out, taken = {}, []
     for key, value in weights.items():
         for old, new in prefixes.items():
             if key.startswith(old):
                 out[new + key[len(old) :]] = value
+                taken.append(key)
                 break
+    if isinstance(weights, Checkpoint):
+        weights.selected.update(taken)
     return out
 
 

@@ -75,6 +75,7 @@ def convert_idefics(path: Path, hf: Any) -> VisionLanguageModel:
     load_exact(model.encoder, vit, "vision tower")
     load_exact(model.bridge, _bridge_state(weights, hf), "resampler and gated cross-attention")
     load_exact(model.decoder.lm, _language_state(weights), "language model")
+    weights.warn_unused()
     return model
 
 

@@ -53,4 +53,5 @@ def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
     load_exact(model.encoder, vit_state(select(weights, VISION), vision.num_hidden_layers), "vision tower")
     load_exact(model.bridge, select(weights, PROJECTOR), "projector")
     load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
+    weights.warn_unused()
     return model
