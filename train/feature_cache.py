@@ -47,7 +47,7 @@ def build_feature_cache(
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)
     transform = encoder_transform(model.encoder, mode=resize)
-    encoder = model.encoder.eval()
+    model.encoder.eval()
     names = [Path(url.split("::")[0]).name for url in urls]
     if len(set(names)) != len(names):
         raise ConfigError("the feature cache needs distinct shard file names")
@@ -58,7 +58,7 @@ def build_feature_cache(
             for sample in tqdm(samples, desc=f"cache {name}", unit="sample"):
                 images = sample.get("images", [sample["image"]])
                 pixels = torch.stack([transform(image) for image in images]).to(device)
-                features = encoder(pixels).float().cpu().numpy()
+                features = model.encode_pixels(pixels).float().cpu().numpy()
                 buffer = io.BytesIO()
                 np.save(buffer, features, allow_pickle=False)
                 text = json.dumps(sample["text"]).encode()

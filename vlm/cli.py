@@ -199,7 +199,7 @@ def _save(args: argparse.Namespace) -> int:
     from vlm.hub import from_pretrained, load_tokenizer, save_pretrained
 
     source = Path(args.model)
-    model = from_pretrained(source)
+    model = from_pretrained(source, dtype=args.dtype)
     tokenizer = load_tokenizer(source) if (source / "tokenizer_config.json").is_file() else None
     save_pretrained(model, args.out, tokenizer=tokenizer)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
@@ -214,6 +214,13 @@ def _bench(args: argparse.Namespace) -> int:
         path = run_options(out=args.out)
         print(path.with_suffix(".md").read_text())
         print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
+    if args.convert:
+        from eval.bench_convert import run as run_convert
+
+        path = run_convert(out=args.out)
+        print(path.read_text())
+        print(f"wrote {path}")
         return 0
     from eval.bench import run
 
@@ -271,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--options",
         action="store_true",
-        help="instead: what packed turns, the feature cache and the KV cache buy (options-<device>.*)",
+        help="instead: what packing, the feature cache and the KV cache buy (options-<device>.*)",
+    )
+    bench.add_argument(
+        "--convert",
+        action="store_true",
+        help="instead: peak memory of converting a bf16 LLaVA checkpoint (convert-<device>.json)",
     )
     bench.set_defaults(func=_bench)
 
@@ -280,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     save.add_argument("--model", required=True, help="a model directory")
     save.add_argument("--out", required=True, help="where to write the vlm model")
+    save.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="cast the weights (default: keep the checkpoint's dtype)",
+    )
     save.set_defaults(func=_save)
 
     train = commands.add_parser("train", help="train a model from a recipe (train/recipes/*.toml)")

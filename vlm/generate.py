@@ -69,7 +69,7 @@ class _Steps:
             self.step_forward = _compiled(model.decoder, input_ids.device.type)
         # The uncached path re-reads each row's images every step; beam search reorders rows,
         # so the images are kept per row.
-        self.features = model.encoder(pixel_values) if pixel_values is not None else None
+        self.features = model.encode_pixels(pixel_values) if pixel_values is not None else None
         counts = (input_ids == model.image_token_id).sum(1) // model.tokens_per_image
         starts = counts.cumsum(0) - counts
         self.row_images = [torch.arange(int(s), int(s + c)) for s, c in zip(starts, counts)]

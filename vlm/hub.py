@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file, save_model
+from torch import nn
 
 from vlm.config import ConfigError, ModelConfig
 from vlm.model import VisionLanguageModel, build_model
@@ -70,12 +72,20 @@ def save_pretrained(
         tokenizer.save_pretrained(path)
 
 
-def from_pretrained(path: str | Path) -> VisionLanguageModel:
+def from_pretrained(path: str | Path, *, dtype: str | torch.dtype | None = None) -> VisionLanguageModel:
     """Builds the model ``path/config.json`` describes and loads its weights.
 
     ``path`` is a directory written by :func:`save_pretrained`, or one saved by transformers
     for a supported architecture (LLaVA, BLIP-2, IDEFICS; see :mod:`vlm.convert`), whose
     weights are converted into vlm's modules.
+
+    Full checkpoints load without a random initialisation first: the model is built with its
+    parameters on the meta device and the checkpoint's tensors become them, so loading takes
+    about the checkpoint's size in memory, and the parameters keep the checkpoint's dtype.
+
+    Args:
+        dtype: cast the parameters to this dtype (e.g. ``"float32"``); ``None`` keeps the
+            checkpoint's. (A cast needs memory for both copies while it runs.)
     """
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
@@ -85,12 +95,34 @@ def from_pretrained(path: str | Path) -> VisionLanguageModel:
         )
     data = json.loads((path / CONFIG_FILE).read_text())
     if "encoder" not in data or "decoder" not in data:
-        return _convert(path, data)
-    config = ModelConfig.from_dict(data)
-    _weights_file(path)  # fail before building anything when there are no weights
-    model = build_model(config)
-    load_weights(model, path)
+        model = _convert(path, data)
+    else:
+        config = ModelConfig.from_dict(data)
+        file = _weights_file(path)  # fail before building anything when there are no weights
+        if file.name == WEIGHTS_FILE:
+            model = build_model(config, empty=True)
+            _load(lambda: _load_full(model, load_file(file), assign=True), file)
+        else:
+            model = build_model(config)
+            load_weights(model, path)
+    if dtype is not None:
+        cast_parameters(model, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model
+
+
+def finish_assigned(model: VisionLanguageModel) -> None:
+    """After loading into a model built ``empty``: refuses a parameter that no
+    tensor filled."""
+    empty = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise ConfigError(f"the checkpoint has no weights for {empty[:4]} ({len(empty)} parameter(s))")
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating-point parameters to ``dtype``; buffers (rotary tables) keep their precision."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _convert(path: Path, data: dict[str, Any]) -> VisionLanguageModel:
@@ -136,22 +168,43 @@ def load_weights(model: VisionLanguageModel, path: str | Path) -> None:
         _load(lambda: model.bridge.load_state_dict(weights), file)
 
 
-def load_covering(module, weights: dict[str, Any]) -> tuple[list[str], list[str]]:
+def load_covering(module, weights: dict[str, Any], *, assign: bool = False) -> tuple[list[str], list[str]]:
     """Loads ``weights`` into ``module`` (not strict) and returns the keys left missing and the
     unexpected ones; a tied weight (GPT-2's lm_head and wte) may be stored under either name or
-    both, so its other name is not missing."""
-    result = module.load_state_dict(weights, strict=False)
+    both, so its other name is not missing. ``assign``: the tensors become the parameters
+    (for a model built with ``build_model(..., empty=True)``) instead of being copied into them."""
     alias = {name: id(p) for name, p in module.named_parameters(remove_duplicate=False)}
+    result = module.load_state_dict(weights, strict=False, assign=assign)
+    if assign:
+        _retie(module, alias)
     loaded = {alias[k] for k in weights if k in alias}
     missing = [k for k in result.missing_keys if alias.get(k) not in loaded]
     return missing, list(result.unexpected_keys)
 
 
-def _load_full(model: VisionLanguageModel, weights: dict[str, Any]) -> None:
-    """Loads every weight."""
-    missing, unexpected = load_covering(model, weights)
+def _retie(module: nn.Module, alias: dict[str, int]) -> None:
+    """Assigning replaces a tied parameter under the names loaded only: every name of a tied
+    group (same parameter before loading) gets the one that was loaded."""
+    groups: dict[int, list[str]] = {}
+    for name, key in alias.items():
+        groups.setdefault(key, []).append(name)
+    for names in (g for g in groups.values() if len(g) > 1):
+        params = [module.get_parameter(n) for n in names]
+        loaded = next((p for p in params if p.device.type != "meta"), None)
+        if loaded is None:
+            continue
+        for name in names:
+            owner, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(owner), attribute, loaded)
+
+
+def _load_full(model: VisionLanguageModel, weights: dict[str, Any], *, assign: bool = False) -> None:
+    """Loads every weight: copied into the parameters, or ``assign``-ed to a model built empty."""
+    missing, unexpected = load_covering(model, weights, assign=assign)
     if missing or unexpected:
         raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    if assign:
+        finish_assigned(model)
 
 
 def load_tokenizer(path: str | Path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,15 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """``(N_img, 3, H, W)`` to the bridge's output for those images."""
-        return self.bridge(self.encoder(pixel_values))
+        return self._bridge(self.encode_pixels(pixel_values))
+
+    def encode_pixels(self, pixel_values: Tensor) -> Tensor:
+        """The encoder's features, with the pixels in the encoder's dtype (a model loaded in
+        bf16 takes float32 pixels from the transforms)."""
+        return self.encoder(pixel_values.to(_dtype_of(self.encoder, pixel_values.dtype)))
+
+    def _bridge(self, features: Tensor) -> Tensor:
+        return self.bridge(features.to(_dtype_of(self.bridge, features.dtype)))
 
     def forward(
         self,
@@ -167,8 +177,8 @@ class VisionLanguageModel(nn.Module):
             self._set_media_from_mask(pixel_values, image_features, image_attention_mask)
             return embeds, is_image
         if image_features is None and pixel_values is not None:
-            image_features = self.encoder(pixel_values)
-        visual = self.bridge(image_features) if image_features is not None else None
+            image_features = self.encode_pixels(pixel_values)
+        visual = self._bridge(image_features) if image_features is not None else None
         if visual is not None and image_index is not None:
             visual = visual[image_index]  # encoded once, placed wherever the image appears
         self._check_image_count(is_image, visual)
@@ -190,10 +200,10 @@ class VisionLanguageModel(nn.Module):
                     f"with image_attention_mask {tuple(image_attention_mask.shape)}, pass pixel_values "
                     f"as ({rows}, {n_img}, 3, H, W)"
                 )
-            image_features = self.encoder(pixel_values.flatten(0, 1))
+            image_features = self.encode_pixels(pixel_values.flatten(0, 1))
         elif image_features.shape[0] != rows * n_img:
             raise ValueError(f"with image_attention_mask, pass image_features for {rows} x {n_img} images")
-        latents = self.bridge(image_features)
+        latents = self._bridge(image_features)
         self.bridge.set_media_from_mask(latents.view(rows, n_img, *latents.shape[1:]), image_attention_mask)
 
     def _recompute_needs_media(self) -> bool:
@@ -238,6 +248,11 @@ class VisionLanguageModel(nn.Module):
         return from_pretrained(path)
 
 
+def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (``default`` without one)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
+
+
 def answer_loss(logits: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy over the positions whose label is not ``-100``."""
     return F.cross_entropy(
@@ -248,8 +263,13 @@ def answer_loss(logits: Tensor, labels: Tensor, *, reduction: str = "mean") -> T
     )
 
 
-def build_model(config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
-    """Builds the model a config describes (a ``ModelConfig`` or its dict form)."""
+def build_model(config: ModelConfig | dict[str, Any], *, empty: bool = False) -> VisionLanguageModel:
+    """Builds the model a config describes (a ``ModelConfig`` or its dict form).
+
+    ``empty``: parameters on the meta device (no memory, no random initialisation), for a
+    checkpoint's tensors to become them (``vlm.hub.load_covering(..., assign=True)``). An encoder
+    that cannot be built so (``builds_empty = False``) is built as usual.
+    """
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
     else:  # validate names early, with the same message as for dicts
@@ -260,14 +280,36 @@ def build_model(config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
             image_token_id=config.image_token_id,
             extra=config.extra,
         )
-    encoder = ENCODERS.build(config.encoder)
+    meta = parameters_on_meta if empty else nullcontext
+    with meta() if ENCODERS.get(config.encoder).builds_empty else nullcontext():
+        encoder = ENCODERS.build(config.encoder)
     if config.encoder.freeze:
         encoder.requires_grad_(False)
-    decoder = DECODERS.build(config.decoder, image_token_id=config.image_token_id)
-    bridge = BRIDGES.build(
-        config.bridge,
-        vision_dim=encoder.feature_dim,
-        text_dim=decoder.hidden_size,
-        text_layers=decoder.num_layers,
-    )
+    with meta():
+        decoder = DECODERS.build(config.decoder, image_token_id=config.image_token_id)
+        bridge = BRIDGES.build(
+            config.bridge,
+            vision_dim=encoder.feature_dim,
+            text_dim=decoder.hidden_size,
+            text_layers=decoder.num_layers,
+        )
     return VisionLanguageModel(config, encoder, bridge, decoder)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Parameters created inside live on the meta device: no memory and no random
+    initialisation, for weights about to be loaded with ``load_state_dict(..., assign=True)``.
+    Buffers (rotary tables, masks) are created as usual, as checkpoints often do not hold them."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

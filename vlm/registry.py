@@ -47,6 +47,10 @@ class Registry:
         _, config_cls = self._entry(data.get("name"))
         return parse_dataclass(config_cls, data, where=f"{self.kind} {data['name']!r}")
 
+    def get(self, config: Any) -> type:
+        """The class registered under ``config.name``."""
+        return self._entry(getattr(config, "name", None))[0]
+
     def build(self, config: Any, **kwargs: Any) -> Any:
         cls, _ = self._entry(getattr(config, "name", None))
         return cls(config, **kwargs)

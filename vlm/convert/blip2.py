@@ -11,7 +11,15 @@ import torch
 from vlm.bridges.qformer import QFormerConfig
 from vlm.config import ConfigError, ModelConfig
 from vlm.convert import register_converter
-from vlm.convert.common import fuse, load_exact, read_weights, select, vit_config, vit_state
+from vlm.convert.common import (
+    finish,
+    fuse,
+    load_exact,
+    read_weights,
+    select,
+    vit_config,
+    vit_state,
+)
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 
@@ -51,14 +59,13 @@ def convert_blip2(path: Path, hf: Any) -> VisionLanguageModel:
         decoder=HFDecoderConfig(hf_config=text.to_dict(), freeze=True),
         image_token_id=hf.image_token_id,
     )
-    model = build_model(config)
+    model = build_model(config, empty=True)  # the checkpoint's tensors become its parameters
     weights = read_weights(path)
     vit = vit_state(select(weights, {"vision_model.": ""}), vision.num_hidden_layers)
     load_exact(model.encoder, vit, "vision tower")
     load_exact(model.bridge, _qformer_state(weights, qformer.num_hidden_layers), "Q-Former")
     load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
-    weights.warn_unused()
-    return model
+    return finish(model, weights)
 
 
 def _qformer_state(weights: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:

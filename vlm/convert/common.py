@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from vlm.config import ConfigError
 from vlm.encoders.base import CLIP_MEAN, CLIP_STD
 from vlm.encoders.vit import ViTConfig
+from vlm.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,22 @@ def select(weights: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Te
     return out
 
 
+def finish(model: VisionLanguageModel, weights: Checkpoint) -> VisionLanguageModel:
+    """After every part is loaded: the tied weights tied again, no parameter left empty, and
+    the checkpoint's leftovers named."""
+    from vlm.hub import finish_assigned
+
+    finish_assigned(model)
+    weights.warn_unused()
+    return model
+
+
 def load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """Loads ``state`` into ``module``; every parameter must be covered (a tied weight under
-    either of its names) and every tensor used."""
+    """Loads ``state`` into ``module`` (its tensors become the parameters); every parameter must
+    be covered (a tied weight under either of its names) and every tensor used."""
     from vlm.hub import load_covering
 
-    missing, unexpected = load_covering(module, state)
+    missing, unexpected = load_covering(module, state, assign=True)
     if missing or unexpected:
         raise ConfigError(
             f"the checkpoint's {what} weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}"

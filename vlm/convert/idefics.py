@@ -18,6 +18,7 @@ from vlm.bridges.perceiver import PerceiverConfig
 from vlm.config import ConfigError, ModelConfig
 from vlm.convert import register_converter
 from vlm.convert.common import (
+    finish,
     fuse,
     image_token_from_tokenizer,
     load_exact,
@@ -69,14 +70,13 @@ def convert_idefics(path: Path, hf: Any) -> VisionLanguageModel:
         decoder=HFDecoderConfig(hf_config=_llama_config(hf), freeze=True),
         image_token_id=image_token_from_tokenizer(path),
     )
-    model = build_model(config)
+    model = build_model(config, empty=True)  # the checkpoint's tensors become its parameters
     weights = read_weights(path)
     vit = vit_state(select(weights, {"model.vision_model.": ""}), vision.num_hidden_layers)
     load_exact(model.encoder, vit, "vision tower")
     load_exact(model.bridge, _bridge_state(weights, hf), "resampler and gated cross-attention")
     load_exact(model.decoder.lm, _language_state(weights), "language model")
-    weights.warn_unused()
-    return model
+    return finish(model, weights)
 
 
 def _llama_config(hf: Any) -> dict[str, Any]:

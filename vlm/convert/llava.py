@@ -9,7 +9,7 @@ from typing import Any
 from vlm.bridges.linear import ProjectorConfig
 from vlm.config import ConfigError, ModelConfig
 from vlm.convert import register_converter
-from vlm.convert.common import load_exact, read_weights, select, vit_config, vit_state
+from vlm.convert.common import finish, load_exact, read_weights, select, vit_config, vit_state
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 
@@ -48,10 +48,9 @@ def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
         decoder=HFDecoderConfig(hf_config=hf.text_config.to_dict(), freeze=True),
         image_token_id=hf.image_token_id,
     )
-    model = build_model(config)
+    model = build_model(config, empty=True)  # the checkpoint's tensors become its parameters
     weights = read_weights(path)
     load_exact(model.encoder, vit_state(select(weights, VISION), vision.num_hidden_layers), "vision tower")
     load_exact(model.bridge, select(weights, PROJECTOR), "projector")
     load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
-    weights.warn_unused()
-    return model
+    return finish(model, weights)

@@ -23,6 +23,8 @@ class ImageEncoder(nn.Module):
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    #: Whether ``build_model(..., empty=True)`` may create the parameters on the meta device.
+    builds_empty: bool = True
 
     def forward(self, pixels: Tensor) -> Tensor:
         raise NotImplementedError

@@ -41,6 +41,8 @@ class CLIPConfig:
 
 @register_encoder("clip", CLIPConfig)
 class CLIPEncoder(ImageEncoder):
+    builds_empty = False  # open_clip moves its model to a device while building it
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         import open_clip
