@@ -1,14 +1,9 @@
 """Sequence packing: several examples per row compute exactly what each computes alone."""
 
-import io
-import json
-
 import pytest
 import tiny
 import torch
-import webdataset as wds
-from PIL import Image
-from test_processor import word_tokenizer
+from test_processor import red_square_shard, word_tokenizer
 
 from data.loader import make_loader
 from data.packing import PackedStream
@@ -110,12 +105,7 @@ def test_rows_shorter_than_an_example_are_refused():
 
 
 def test_packed_batches_from_shards_train_a_model(tmp_path):
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
-    with wds.TarWriter(str(tmp_path / "s.tar")) as tar:
-        for i in range(6):
-            text = {"caption": "a red square", "qa": [{"question": "what color is it ?", "answer": "red"}]}
-            tar.write({"__key__": f"{i:03d}", "png": buffer.getvalue(), "json": json.dumps(text).encode()})
+    red_square_shard(tmp_path / "s.tar", 6)
     model, proc = tiny_model("perceiver", "llama")
     proc.max_length = 32
     transform = image_transform(tiny.IMAGE_SIZE, model.encoder.mean, model.encoder.std, mode="pad")

@@ -37,6 +37,16 @@ def word_tokenizer(image_token=True, chat_template=None):
     return tok
 
 
+def red_square_shard(path, samples):
+    """A shard of ``samples`` red-square images, each with a caption and one question."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
+    with wds.TarWriter(str(path)) as tar:
+        for i in range(samples):
+            text = {"caption": "a red square", "qa": [{"question": "what color is it ?", "answer": "red"}]}
+            tar.write({"__key__": f"{i:03d}", "png": buffer.getvalue(), "json": json.dumps(text).encode()})
+
+
 def test_prompt_is_masked_and_images_expanded():
     tok = word_tokenizer()
     proc = Processor(tok, tokens_per_image=3)
@@ -113,12 +123,7 @@ def test_image_transform(mode):
 
 @pytest.mark.parametrize("bridge", ["mlp2x_gelu", "perceiver"])
 def test_batches_from_shards_train_a_model(tmp_path, bridge):
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
-    with wds.TarWriter(str(tmp_path / "s.tar")) as tar:
-        for i in range(5):
-            text = {"caption": "a red square", "qa": [{"question": "what color is it ?", "answer": "red"}]}
-            tar.write({"__key__": f"{i:03d}", "png": buffer.getvalue(), "json": json.dumps(text).encode()})
+    red_square_shard(tmp_path / "s.tar", 5)
     tok = word_tokenizer()
     config = tiny.model_config("vit", bridge, "gpt2")
     config = dataclasses.replace(config, image_token_id=tok.convert_tokens_to_ids("<image>"))
