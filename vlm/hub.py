@@ -111,8 +111,7 @@ def from_pretrained(path: str | Path, *, dtype: str | torch.dtype | None = None)
 
 
 def finish_assigned(model: VisionLanguageModel) -> None:
-    """After loading into a model built ``empty``: refuses a parameter that no
-    tensor filled."""
+    """After loading into a model built ``empty``: refuses a parameter that no tensor filled."""
     empty = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if empty:
         raise ConfigError(f"the checkpoint has no weights for {empty[:4]} ({len(empty)} parameter(s))")

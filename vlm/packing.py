@@ -44,12 +44,14 @@ def packed_rule(
     return rule
 
 
-def _run_start(ids: Tensor) -> Tensor:
-    """For each position, where its run of equal ``ids`` (along the row) began."""
-    T = ids.shape[1]
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    where = torch.arange(T, device=ids.device).expand_as(ids)
+def run_starts(*ids: Tensor) -> Tensor:
+    """``(B, T)``: for each position, where its run began: the last position at or before it
+    where any of the ``(B, T)`` ``ids`` changed value along the row."""
+    starts = torch.zeros_like(ids[0], dtype=torch.bool)
+    starts[:, 0] = True
+    for tensor in ids:
+        starts[:, 1:] |= tensor[:, 1:] != tensor[:, :-1]
+    where = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)
     return torch.where(starts, where, 0).cummax(1).values
 
 
@@ -57,18 +59,16 @@ def packed_positions(segment_ids: Tensor | None, sample_ids: Tensor | None) -> T
     """``(B, T)`` position ids: from 0 at each sample's start; a turn continues from its
     sample's prefix. Computed in ``O(T)`` (no ``T x T`` mask). Padding positions are arbitrary."""
     ids = segment_ids if segment_ids is not None else sample_ids
-    T = ids.shape[1]
-    t = torch.arange(T, device=ids.device).expand_as(ids)
-    sample_start = _run_start(sample_ids) if sample_ids is not None else torch.zeros_like(ids)
+    t = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    sample_start = run_starts(sample_ids) if sample_ids is not None else torch.zeros_like(ids)
     if segment_ids is None:
         return t - sample_start
-    # Runs of (sample, segment): samples and turns are contiguous, the prefix first.
-    key = segment_ids if sample_ids is None else sample_ids * (int(segment_ids.max()) + 1) + segment_ids
-    run_start = _run_start(key)
-    in_prefix = (segment_ids == 0).long().cumsum(1)
-    prefix_before_sample = torch.gather(in_prefix - (segment_ids == 0).long(), 1, sample_start)
-    prefix_length = in_prefix - prefix_before_sample  # the sample's prefix tokens up to here
-    return torch.where(segment_ids == 0, t - sample_start, prefix_length + t - run_start)
+    # Samples and their turns are contiguous runs, each sample's prefix (segment 0) first.
+    turn_start = run_starts(segment_ids) if sample_ids is None else run_starts(sample_ids, segment_ids)
+    in_prefix = (segment_ids == 0).long()
+    prefix_so_far = in_prefix.cumsum(1)
+    prefix_length = prefix_so_far - (prefix_so_far - in_prefix).gather(1, sample_start)
+    return torch.where(segment_ids == 0, t - sample_start, prefix_length + t - turn_start)
 
 
 def packed_mask(

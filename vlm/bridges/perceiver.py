@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from vlm.attention import MultiHeadAttention, block_mask, use_block_masks
 from vlm.bridges.base import Bridge
 from vlm.config import ConfigError
+from vlm.packing import run_starts
 from vlm.registry import register_bridge
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -258,13 +259,8 @@ class PerceiverBridge(Bridge):
         media = latents.new_zeros(image_positions.shape[0], n_max, *latents.shape[1:])
         media[torch.arange(n_max, device=counts.device)[None] < counts[:, None]] = latents
         index = image_positions.long().cumsum(1)
-        if sample_ids is not None:
-            # Images seen before the token's sample began: the count at each sample's first token
-            # (excluding it), carried along the sample. The count never falls, so cummax carries it.
-            before = index - image_positions.long()
-            starts = torch.ones_like(sample_ids, dtype=torch.bool)
-            starts[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]
-            earlier = torch.where(starts, before, 0).cummax(1).values
+        if sample_ids is not None:  # images counted before the token's sample began are not its own
+            earlier = (index - image_positions.long()).gather(1, run_starts(sample_ids))
             index = torch.where(index > earlier, index, 0)
         self._media = Media(media, index)
 

@@ -76,8 +76,7 @@ def select(weights: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Te
 
 
 def finish(model: VisionLanguageModel, weights: Checkpoint) -> VisionLanguageModel:
-    """After every part is loaded: the tied weights tied again, no parameter left empty, and
-    the checkpoint's leftovers named."""
+    """After every part is loaded: no parameter left empty, and the checkpoint's leftovers named."""
     from vlm.hub import finish_assigned
 
     finish_assigned(model)
