@@ -101,6 +101,9 @@ def test_converted_model_saves_and_reloads_in_vlm_format(checkpoints, name, tmp_
         torch.testing.assert_close(reloaded(**inputs).logits, converted(**inputs).logits, atol=0, rtol=0)
     if name == "idefics":
         assert (tmp_path / "vlm" / "tokenizer_config.json").is_file()
+    assert main(["save", "--model", str(path), "--out", str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0
+    half = vlm.from_pretrained(tmp_path / "half")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
 def test_unsupported_architecture_names_the_supported_formats(tmp_path):
