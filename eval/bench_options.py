@@ -32,13 +32,21 @@ from vlm.generate import generate
 
 # Each variant: recipe overrides on top of the shapes recipe, and the variant it is compared with.
 TRAINING_VARIANTS = {
-    "one sequence per example": (["data.pack_turns=false"], None),
+    "one sequence per example": (["data.pack_turns=false", "data.pack_length=0"], None),
     "packed samples": (["data.pack_turns=false", "data.pack_length=160"], "one sequence per example"),
-    "packed turns": (["data.pack_turns=true"], "one sequence per example"),
+    "packed turns": (["data.pack_turns=true", "data.pack_length=0"], "one sequence per example"),
     "packed turns and samples": (["data.pack_turns=true", "data.pack_length=160"], "packed turns"),
-    "frozen encoder, from pixels": (["data.pack_turns=true", "model.encoder.freeze=true"], None),
+    "frozen encoder, from pixels": (
+        ["data.pack_turns=true", "data.pack_length=0", "model.encoder.freeze=true"],
+        None,
+    ),
     "frozen encoder, feature cache": (
-        ["data.pack_turns=true", "model.encoder.freeze=true", "run.cache_features=true"],
+        [
+            "data.pack_turns=true",
+            "data.pack_length=0",
+            "model.encoder.freeze=true",
+            "run.cache_features=true",
+        ],
         "frozen encoder, from pixels",
     ),
 }
