@@ -300,7 +300,8 @@ def build_model(config: ModelConfig | dict[str, Any], *, empty: bool = False) ->
 def parameters_on_meta() -> Iterator[None]:
     """Parameters created inside live on the meta device: no memory and no random
     initialisation, for weights about to be loaded with ``load_state_dict(..., assign=True)``.
-    Buffers (rotary tables, masks) are created as usual, as checkpoints often do not hold them."""
+    Buffers (rotary tables, masks) are created as usual, as checkpoints often do not hold them.
+    (It swaps ``nn.Module.register_parameter`` while inside: build in one thread at a time.)"""
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
