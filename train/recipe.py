@@ -34,7 +34,8 @@ class DataConfig:
             one sequence per example.
         pack_length: several examples (or packed samples) per row, up to this many tokens,
             each attending to itself only: no padding to pay for. 0: one per row. Batches
-            then hold ``run.batch_size`` rows of this length.
+            then hold ``run.batch_size`` rows of this length. Each rank packs its own examples,
+            so with ``split = "example"`` the global batches are no longer one process's.
     """
 
     train: str = ""
