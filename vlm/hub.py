@@ -98,13 +98,9 @@ def from_pretrained(path: str | Path, *, dtype: str | torch.dtype | None = None)
         model = _convert(path, data)
     else:
         config = ModelConfig.from_dict(data)
-        file = _weights_file(path)  # fail before building anything when there are no weights
-        if file.name == WEIGHTS_FILE:
-            model = build_model(config, empty=True)
-            _load(lambda: _load_full(model, load_file(file), assign=True), file)
-        else:
-            model = build_model(config)
-            load_weights(model, path)
+        full = _weights_file(path).name == WEIGHTS_FILE  # fails before building without weights
+        model = build_model(config, empty=full)  # a bridge-only file loads onto a rebuilt base
+        load_weights(model, path, assign=full)
     if dtype is not None:
         cast_parameters(model, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model
@@ -157,12 +153,13 @@ def _weights_file(path: Path) -> Path:
     )
 
 
-def load_weights(model: VisionLanguageModel, path: str | Path) -> None:
-    """Loads a saved directory's weights (full or bridge-only) into a built model."""
+def load_weights(model: VisionLanguageModel, path: str | Path, *, assign: bool = False) -> None:
+    """Loads a saved directory's weights (full or bridge-only) into a built model; ``assign``
+    for full weights into a model built with ``build_model(..., empty=True)``."""
     file = _weights_file(Path(path))
     weights = load_file(file)
     if file.name == WEIGHTS_FILE:
-        _load(lambda: _load_full(model, weights), file)
+        _load(lambda: _load_full(model, weights, assign=assign), file)
     else:
         _load(lambda: model.bridge.load_state_dict(weights), file)
 

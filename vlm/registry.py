@@ -52,8 +52,7 @@ class Registry:
         return self._entry(getattr(config, "name", None))[0]
 
     def build(self, config: Any, **kwargs: Any) -> Any:
-        cls, _ = self._entry(getattr(config, "name", None))
-        return cls(config, **kwargs)
+        return self.get(config)(config, **kwargs)
 
 
 ENCODERS = Registry("encoder")
