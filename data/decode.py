@@ -85,23 +85,45 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Im
     """Decodes image bytes to RGB with the EXIF orientation applied.
 
     Returns the image and the mode it was converted from (``None`` for RGB sources).
-    Raises ``BadSample`` with reason ``empty``, ``not_an_image``, ``too_large`` or ``truncated``.
+    Never raises anything but ``BadSample``, whatever the bytes: its reason is one of
+    :data:`DECODE_REASONS`.
     """
     if not data:
         raise BadSample("empty")
     try:
         with warnings.catch_warnings():
+            # Pillow warns about odd metadata (bad EXIF, unknown chunks); the pixels decide.
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        reason = "not_an_image" if isinstance(err, UnidentifiedImageError) else "too_large"
-        raise BadSample(reason, str(err)) from err
+            return _decode(data, max_pixels)
+    except BadSample:
+        raise
+    except UnidentifiedImageError as err:
+        raise BadSample("not_an_image", str(err)) from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("too_large", str(err)) from err
+    except Exception as err:  # noqa: BLE001 - any class a broken file makes a decoder raise
+        raise BadSample(_broken_reason(err), f"{type(err).__name__}: {err}") from err
+
+
+#: Every reason :func:`decode_image` gives.
+DECODE_REASONS = ("empty", "not_an_image", "too_large", "truncated", "corrupt")
+
+
+def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str | None]:
+    image = Image.open(io.BytesIO(data))  # reads the header only; a cut header raises here
     width, height = image.size
     if width * height > max_pixels:
         raise BadSample("too_large", f"{width}x{height} is over {max_pixels} pixels")
-    try:
-        image.load()  # truncation only shows when the pixels are read
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadSample("truncated", str(err)) from err
+    image.load()  # a cut body shows only when the pixels are read
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def _broken_reason(err: Exception) -> str:
+    """``truncated`` when the bytes end too early, ``corrupt`` for any other broken content."""
+    message = str(err).lower()
+    ended = isinstance(err, EOFError) or any(
+        hint in message for hint in ("truncated", "end of file", "not enough data", "buffer is not large")
+    )
+    return "truncated" if ended else "corrupt"

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,19 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, BadSample, DecodeStats, decode_image
 
 log = logging.getLogger(__name__)
+
+#: Samples read before the share of bad ones can stop a pass (it is also judged at the end of
+#: every pass): one bad shard at the start of a large dataset must not stop a run.
+BAD_DATA_WINDOW = 1000
+
+
+class BadDataError(RuntimeError):
+    """Too much of the data is bad to train on; the message names the worst shards."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        # Re-raised from a DataLoader worker, the message carries the worker's traceback first.
+        return text.rsplit("BadDataError: ", 1)[-1].strip() if "Original Traceback" in text else text
 
 
 def expand_shards(specs: str | Sequence[str]) -> list[str]:
@@ -92,7 +106,10 @@ def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple
     else:
         raise BadSample("missing_text")
     if not exts:
-        features = torch.from_numpy(np.load(io.BytesIO(raw["npy"]), allow_pickle=False))
+        try:
+            features = torch.from_numpy(np.load(io.BytesIO(raw["npy"]), allow_pickle=False))
+        except Exception as err:  # noqa: BLE001 - a damaged array, whatever numpy raises
+            raise BadSample("bad_features", f"{type(err).__name__}: {err}") from err
         return {
             "key": raw["__key__"],
             "url": raw.get("__url__", ""),
@@ -131,6 +148,9 @@ class ImageTextShards(IterableDataset):
         seed: the seed of every random choice; the same seed gives the same order.
         rank, world_size: override the distributed position (default: torch.distributed / env).
         max_pixels: decompression-bomb limit.
+        max_bad_fraction: raise :class:`BadDataError`, naming the worst shards, when more than
+            this share of the samples read is bad (judged after :data:`BAD_DATA_WINDOW`
+            samples and at the end of every pass); ``None`` reads on whatever the share.
 
     Samples are dicts ``{"key", "url", "image", "text"}``. Bad samples are skipped with a
     warning and counted; the counts of the last pass are in ``stats`` (in-process iteration) and
@@ -148,6 +168,7 @@ class ImageTextShards(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         max_pixels: int = MAX_PIXELS,
+        max_bad_fraction: float | None = None,
     ):
         super().__init__()
         self.urls = expand_shards(shards)
@@ -155,6 +176,9 @@ class ImageTextShards(IterableDataset):
             raise FileNotFoundError(f"no shards match {shards!r}")
         self.shuffle_shards, self.shuffle_buffer, self.resampled = shuffle_shards, shuffle_buffer, resampled
         self.seed, self.rank, self.world_size, self.max_pixels = seed, rank, world_size, max_pixels
+        if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be between 0 and 1, got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
         self.epoch = 0
         self.stats = DecodeStats()
 
@@ -197,6 +221,7 @@ class ImageTextShards(IterableDataset):
         rank, world, worker, workers = self._consumer()
         rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
         stats = self.stats = DecodeStats()
+        by_shard: dict[str, Counter] = defaultdict(Counter)  # url -> {"ok": n, reason: n}
 
         def on_error(err: Exception) -> bool:  # unreadable shard or tar member: count, go on
             stats.skipped["bad_shard"] += 1
@@ -210,12 +235,42 @@ class ImageTextShards(IterableDataset):
                 sample, converted = decode_sample(raw, max_pixels=self.max_pixels)
             except BadSample as bad:
                 stats.skipped[bad.reason] += 1
+                by_shard[raw.get("__url__", "")][bad.reason] += 1
                 log.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), bad)
+                self._judge(stats, by_shard, final=False)
                 continue
             if converted is not None:
                 stats.converted[converted] += 1
             stats.ok += 1
+            by_shard[sample["url"]]["ok"] += 1
             yield sample
         # Said at the end of every pass; loudly when something was skipped.
         level = logging.WARNING if stats.skipped else logging.INFO
         log.log(level, "end of pass (rank %d, worker %d): %s", rank, worker, stats.summary())
+        self._judge(stats, by_shard, final=True)
+
+    def _judge(self, stats: DecodeStats, by_shard: dict[str, Counter], *, final: bool) -> None:
+        """Raises :class:`BadDataError` when the share of bad samples is over the limit."""
+        bad = sum(stats.skipped.values())
+        seen = stats.ok + bad
+        if self.max_bad_fraction is None or not seen or (seen < BAD_DATA_WINDOW and not final):
+            return
+        if bad / seen <= self.max_bad_fraction:
+            return
+
+        def bad_share(url: str) -> float:
+            counts = by_shard[url]
+            return 1 - counts["ok"] / max(1, counts.total())
+
+        worst = sorted((u for u in by_shard if bad_share(u) > 0), key=bad_share, reverse=True)[:3]
+        described = "; ".join(
+            f"{url} ({by_shard[url].total() - by_shard[url]['ok']} of {by_shard[url].total()} bad: "
+            + ", ".join(f"{r} {n}" for r, n in by_shard[url].most_common() if r != "ok")
+            + ")"
+            for url in worst
+        )
+        raise BadDataError(
+            f"{bad} of the {seen} samples read are bad ({bad / seen:.0%}, over "
+            f"data.max_bad_fraction={self.max_bad_fraction}); worst shards: {described}. "
+            "See `vlm data check SHARDS`; fix or drop those shards, or raise data.max_bad_fraction."
+        )

@@ -11,6 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data.decode import DecodeStats
 from data.loader import task_examples
 from eval.captions import caption_metrics
 from eval.gallery import write_gallery
@@ -72,6 +73,7 @@ class Evaluation:
     metrics: dict[str, Any]
     records: list[dict[str, Any]]
     gallery: list[dict[str, Any]] = field(default_factory=list)
+    inputs: DecodeStats = field(default_factory=DecodeStats)  # samples read, and skipped by reason
 
 
 def evaluate(
@@ -87,8 +89,9 @@ def evaluate(
     group: Callable[[dict], str] | None = None,
     predictor: Predictor | None = None,
 ) -> Evaluation:
-    """Predicts on every example of ``data`` for ``task``; writes ``predictions.jsonl``,
-    ``metrics.json`` and ``gallery.html`` to ``out_dir``.
+    """Predicts on every example of ``data`` for ``task``; writes ``predictions.jsonl`` (as it
+    goes, so an interrupted run keeps its predictions), ``metrics.json`` and ``gallery.html`` to
+    ``out_dir``. Unreadable samples are skipped and counted (``Evaluation.inputs``).
 
     Args:
         limit: evaluate at most this many examples.
@@ -100,33 +103,38 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = predictor or Predictor(model_dir, device=device)
-    records, shown = [], []
-    examples = _examples(read_inputs([data]), task, group)
-    bar = tqdm(desc=f"eval {task}", unit="example", total=limit)
-    for chunk in batched(examples, batch_size):
-        if limit is not None:
-            chunk = chunk[: limit - len(records)]
-        texts = predictor.predict([e["image"] for e in chunk], task, [e.get("question") for e in chunk])
-        for example, prediction in zip(chunk, texts):
-            record = {k: example.get(k) for k in ("name", "question", "references", "answers", "group")}
-            record = {k: v for k, v in record.items() if v is not None}
-            record["prediction"] = prediction
-            records.append(record)
-            if len(shown) < gallery_size:
-                correct = vqa_score(prediction, example["answers"]) >= 1.0 if task == "vqa" else None
-                shown.append({**record, "image": example["image"], "correct": correct})
-        bar.update(len(chunk))
-        if limit is not None and len(records) >= limit:
-            break
-    bar.close()
+    records, shown, inputs = [], [], DecodeStats()
+    examples = _examples(read_inputs([data], inputs), task, group)
+    with (
+        (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as written,
+        tqdm(desc=f"eval {task}", unit="example", total=limit) as bar,
+    ):
+        for chunk in batched(examples, batch_size):
+            if limit is not None:
+                chunk = chunk[: limit - len(records)]
+            texts = predictor.predict([e["image"] for e in chunk], task, [e.get("question") for e in chunk])
+            for example, prediction in zip(chunk, texts):
+                record = {k: example.get(k) for k in ("name", "question", "references", "answers", "group")}
+                record = {k: v for k, v in record.items() if v is not None}
+                record["prediction"] = prediction
+                records.append(record)
+                written.write(json.dumps(record) + "\n")
+                if len(shown) < gallery_size:
+                    correct = vqa_score(prediction, example["answers"]) >= 1.0 if task == "vqa" else None
+                    shown.append({**record, "image": example["image"], "correct": correct})
+            written.flush()
+            bar.update(len(chunk))
+            if limit is not None and len(records) >= limit:
+                break
+    examples.close()  # stopped early (limit): the shard reader adds its counts to ``inputs`` now
     if not records:
         raise InputError(f"{data} holds no {task} examples")
     metrics = score_by_group(task, records)
-    (out_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics["inputs"] = inputs.as_dict()
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
     write_gallery(out_dir / "gallery.html", f"{task} on {data}", shown, headline)
-    return Evaluation(metrics, records, shown)
+    return Evaluation(metrics, records, shown, inputs)
 
 
 def score_file(predictions: str, task: str, out_dir: str | Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
+from data.decode import IMAGE_EXTENSIONS, BadSample, DecodeStats, decode_image
 from data.pipeline import ImageTextShards
 from data.transforms import encoder_transform
 from vlm.config import ConfigError
@@ -98,36 +98,62 @@ def _is_shard_input(path: Path) -> bool:
     return path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar")))
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        return decode_image(path.read_bytes())[0]
-    except BadSample as bad:
-        raise InputError(f"{path} is not a readable image ({bad.reason})") from bad
+def _skip(stats: DecodeStats, name: str, reason: str, detail: str = "") -> None:
+    stats.skipped[reason] += 1
+    log.warning("skipping %s: %s%s", name, reason, f" ({detail})" if detail else "")
 
 
-def read_inputs(paths: Iterable[str]) -> Iterator[Item]:
-    """Images from files, folders (their image files, sorted) and webdataset shards.
-
-    A named file that is missing or not an image, or a folder without images, raises
-    :class:`InputError`; undecodable samples inside shards are skipped and counted.
-    """
+def plan_inputs(paths: Iterable[str], stats: DecodeStats) -> list[tuple[str, Path]]:
+    """What the named inputs hold, without decoding anything: ``("image", file)`` and
+    ``("shards", path)`` in reading order (a folder's image files sorted). A missing path
+    (``missing``) and a folder without images (``no_images``) are skipped, warned about and
+    counted in ``stats``."""
+    sources: list[tuple[str, Path]] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise InputError(f"{raw}: no such file or directory")
-        if _is_shard_input(path):
-            for sample in ImageTextShards(
-                str(path), shuffle_shards=False, shuffle_buffer=0, rank=0, world_size=1
-            ):
-                yield Item(f"{Path(sample['url']).name}:{sample['key']}", sample["image"], sample["text"])
+            _skip(stats, raw, "missing", "no such file or directory")
+        elif _is_shard_input(path):
+            sources.append(("shards", path))
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_file(p))
             if not files:
-                raise InputError(f"{raw}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            for file in files:
-                yield Item(str(file), _open(file), {})
+                _skip(stats, raw, "no_images", f"the folder holds no {', '.join(IMAGE_EXTENSIONS)} files")
+            sources += [("image", file) for file in files]
         else:
-            yield Item(str(path), _open(path), {})
+            sources.append(("image", path))
+    return sources
+
+
+def read_sources(sources: Iterable[tuple[str, Path]], stats: DecodeStats) -> Iterator[Item]:
+    """The images of :func:`plan_inputs`' sources, decoded as they are read. Whatever cannot be
+    read is skipped with a warning and counted in ``stats`` by reason; nothing raises."""
+    for kind, path in sources:
+        if kind == "shards":
+            shards = ImageTextShards(str(path), shuffle_shards=False, shuffle_buffer=0, rank=0, world_size=1)
+            try:
+                for sample in shards:
+                    yield Item(f"{Path(sample['url']).name}:{sample['key']}", sample["image"], sample["text"])
+            finally:  # also when the consumer stops early
+                stats.merge(shards.stats)
+            continue
+        try:
+            image = decode_image(path.read_bytes())[0]
+        except BadSample as bad:
+            _skip(stats, str(path), bad.reason, str(bad))
+            continue
+        except OSError as err:  # permissions, a device error
+            _skip(stats, str(path), "unreadable", f"{type(err).__name__}: {err}")
+            continue
+        stats.ok += 1
+        yield Item(str(path), image, {})
+
+
+def read_inputs(paths: Iterable[str], stats: DecodeStats | None = None) -> Iterator[Item]:
+    """Images from files, folders (their image files, sorted) and webdataset shards; anything
+    unreadable is skipped with a warning and counted in ``stats``."""
+    stats = DecodeStats() if stats is None else stats
+    yield from read_sources(plan_inputs(paths, stats), stats)
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -142,11 +168,22 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def check_model_dir(model_dir: str) -> None:
+    """Fails fast, before any image is read, on a model directory that cannot load."""
     path = Path(model_dir)
     if not path.is_dir():
         raise InputError(f"--model {model_dir}: no such directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"--model {model_dir} holds no config.json; point it at a directory written by "
+            "`vlm train` or save_pretrained"
+        )
     if not any((path / name).is_file() for name in ("model.safetensors", "bridge.safetensors")):
         raise ConfigError(
             f"--model {model_dir} holds no weights (model.safetensors or bridge.safetensors); "
             "point it at a directory written by `vlm train` or save_pretrained"
+        )
+    if not (path / "tokenizer_config.json").is_file():
+        raise ConfigError(
+            f"--model {model_dir} holds no tokenizer (tokenizer_config.json); save the training "
+            "tokenizer beside the model: tokenizer.save_pretrained(DIR)"
         )

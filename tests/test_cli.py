@@ -1,14 +1,19 @@
 """The command line: captions, answers and evaluations; bad input ends with one clear message."""
 
+import io
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
 from test_train import tiny_recipe
 
+from eval.predict import Predictor
 from train.recipe import recipe_from_dict
 from train.trainer import train
 from vlm.cli import main
+from vlm.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +66,82 @@ def test_vqa_on_files_and_shards_prints_jsonl(model_dir, images, shapes_dir, cap
 
 
 @pytest.mark.parametrize(
-    "make_input, message",
+    "make_input, reason",
     [
-        (lambda d: d / "missing.png", "no such file"),
-        (lambda d: (d / "fake.png").write_text("hello") and d / "fake.png", "not a readable image"),
-        (lambda d: (d / "empty").mkdir() or d / "empty", "holds no images"),
+        (lambda d: d / "missing.png", "missing"),
+        (lambda d: (d / "fake.png").write_text("hello") and d / "fake.png", "not_an_image"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "no_images"),
     ],
 )
-def test_bad_images_end_with_one_message(model_dir, tmp_path, capsys, make_input, message):
+def test_nothing_readable_ends_with_one_message_and_exit_2(
+    model_dir, tmp_path, capsys, caplog, make_input, reason
+):
     path = make_input(tmp_path)
     code, _, err = run(["caption", str(path), "--model", model_dir], capsys)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "nothing could be read" in err and f"{reason} 1" in err
+    assert len(err.strip().splitlines()) == 1
+    assert f"skipping {path}: {reason}" in caplog.text  # the warning names the file
+
+
+def write_mixed_folder(folder):
+    """Two good images and one of each kind of bad file."""
+    folder.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 40, 40)).save(png, format="PNG")
+    (folder / "a-good.png").write_bytes(png.getvalue())
+    (folder / "b-empty.png").write_bytes(b"")
+    (folder / "c-cut-header.png").write_bytes(png.getvalue()[:20])
+    (folder / "d-cut-pixels.png").write_bytes(png.getvalue()[:-30])
+    (folder / "e-text.jpg").write_text("not an image")
+    Image.new("RGB", (40, 40), (40, 40, 200)).save(folder / "f-good.jpg")
+    return {"empty": 1, "truncated": 2, "not_an_image": 1}
+
+
+def test_a_mixed_folder_answers_the_good_files_and_exits_1(model_dir, tmp_path, capsys, caplog):
+    skipped = write_mixed_folder(tmp_path / "mixed")
+    out_file = tmp_path / "captions.jsonl"
+    code, _, err = run(
+        ["caption", str(tmp_path / "mixed"), "--model", model_dir, "--out", str(out_file)], capsys
+    )
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert code == 1 and [Path(r["image"]).name for r in rows] == ["a-good.png", "f-good.jpg"]
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items()))
+    assert f"2 answered; 4 input(s) skipped: {reasons}" in err
+    assert caplog.text.count("skipping ") == 4
+    # A missing path among good ones is one more skip, not the end of the run.
+    code, out, err = run(
+        [
+            "vqa",
+            str(tmp_path / "mixed" / "a-good.png"),
+            str(tmp_path / "gone.png"),
+            "--model",
+            model_dir,
+            "--question",
+            "how many shapes are there?",
+        ],
+        capsys,
+    )
+    assert code == 1 and len(out.splitlines()) == 1 and "missing 1" in err
+
+
+def test_answers_are_written_as_they_go(model_dir, images, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the second batch keeps the first batch's answers in the file."""
+    real_predict, calls = Predictor.predict, []
+
+    def interrupted_second_time(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", interrupted_second_time)
+    out_file = tmp_path / "captions.jsonl"
+    code, _, err = run(
+        ["caption", str(images), "--model", model_dir, "--out", str(out_file), "--batch-size", "2"], capsys
+    )
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert code == 130 and "interrupted" in err
+    assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png"]
 
 
 def test_model_dir_without_weights(images, tmp_path, capsys):
@@ -81,6 +151,45 @@ def test_model_dir_without_weights(images, tmp_path, capsys):
     assert code == 2 and "holds no weights" in err
     code, _, err = run(["caption", str(images), "--model", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "no such directory" in err
+
+
+def set_bridge_name(model):
+    config = json.loads((model / "config.json").read_text())
+    config["bridge"]["name"] = "mlp9x_gelu"
+    (model / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "damage, file, message",
+    [
+        (lambda m: (m / "model.safetensors").write_bytes(b"\x07" * 64), "model.safetensors", "is damaged"),
+        (lambda m: (m / "model.safetensors").write_bytes(b""), "model.safetensors", "is damaged"),
+        (lambda m: (m / "config.json").write_text('{"encoder": '), "config.json", "is not valid JSON"),
+        (lambda m: (m / "config.json").write_text("[1, 2]"), "config.json", "not an object"),
+        (set_bridge_name, "config.json", "unknown bridge 'mlp9x_gelu'"),
+        (lambda m: (m / "tokenizer_config.json").unlink(), "", "holds no tokenizer"),
+        (lambda m: (m / "tokenizer.json").write_text("{not json"), "", "tokenizer"),
+    ],
+    ids=[
+        "garbage-weights",
+        "empty-weights",
+        "cut-config",
+        "config-list",
+        "unknown-part",
+        "no-tokenizer",
+        "bad-tokenizer",
+    ],
+)
+def test_a_broken_model_directory_gets_one_message(
+    model_dir, images, tmp_path, capsys, damage, file, message
+):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    damage(model)
+    code, _, err = run(["caption", str(images), "--model", str(model)], capsys)
+    assert code == 2 and message in err and str(model / file) in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match=message):  # --debug: the traceback, for a bug report
+        main(["caption", str(images), "--model", str(model), "--debug"])
 
 
 def test_eval_scores_any_models_predictions(tmp_path, capsys):

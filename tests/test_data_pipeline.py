@@ -2,6 +2,7 @@
 
 import io
 import json
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from data.commands import check
 from data.pipeline import ImageTextShards, expand_shards
+from vlm.cli import main
 
 
 def png(image: Image.Image) -> bytes:
@@ -41,9 +43,17 @@ def good_samples(n, start=0):
     ]
 
 
+def bmp_with_zero_width() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="BMP")
+    data = bytearray(buffer.getvalue())
+    data[18:22] = (0).to_bytes(4, "little")  # BITMAPINFOHEADER width: no BMP Pillow can open
+    return bytes(data)
+
+
 @pytest.fixture
 def messy_shards(tmp_path):
-    """Two shards: 6 good RGB samples, 5 that need converting, 6 that must be skipped."""
+    """Two shards: 7 good RGB samples, 5 that need converting, 11 that must be skipped."""
     jpeg = io.BytesIO()
     Image.effect_noise((64, 64), 40).convert("RGB").save(jpeg, format="JPEG")
     jpeg = jpeg.getvalue()
@@ -57,6 +67,9 @@ def messy_shards(tmp_path):
     Image.new("RGB", (8, 4)).save(rotated, format="JPEG", exif=exif)
     cmyk = io.BytesIO()
     Image.new("CMYK", (4, 4)).save(cmyk, format="JPEG")
+    webp = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(webp, format="WEBP")
+    webp = webp.getvalue()
     convert = [
         {"__key__": "rgba", "png": png(rgba), "json": caption("rgba")},
         {"__key__": "palette", "png": png(palette), "json": caption("palette")},
@@ -71,11 +84,17 @@ def messy_shards(tmp_path):
         {"__key__": "notext", "png": png(Image.new("RGB", (4, 4)))},
         {"__key__": "bomb", "png": png(Image.new("L", (300, 300))), "json": caption("bomb")},
         {"__key__": "badjson", "png": png(Image.new("RGB", (4, 4))), "json": b"{not json"},
+        # Bytes that end inside the header: Pillow raises at open(), not at load().
+        {"__key__": "cutheader", "png": png(Image.new("RGB", (8, 8)))[:20], "json": caption("cut")},
+        {"__key__": "cutmarker", "jpg": jpeg[:30], "json": caption("cut in a marker")},
+        {"__key__": "cutwebp", "webp": webp[:20], "json": caption("cut webp")},
+        {"__key__": "baddims", "bmp": bmp_with_zero_width(), "json": caption("0 x 8")},
+        {"__key__": "noimage", "json": caption("the image is missing")},
     ]
     good = good_samples(6)
     good.append({"__key__": "rotated", "jpg": rotated.getvalue(), "json": caption("rotated")})
-    write_tar(tmp_path / "a.tar", good[:4] + convert[:3] + bad[:3])
-    write_tar(tmp_path / "b.tar", good[4:] + convert[3:] + bad[3:])
+    write_tar(tmp_path / "a.tar", good[:4] + convert[:3] + bad[:3] + bad[6:9])
+    write_tar(tmp_path / "b.tar", good[4:] + convert[3:] + bad[3:6] + bad[9:])
     return tmp_path
 
 
@@ -93,21 +112,30 @@ def test_bad_samples_are_skipped_converted_and_counted(messy_shards):
     stats = dataset.stats
     assert stats.ok == len(expected)
     assert dict(stats.skipped) == {
-        "truncated": 1,
+        "truncated": 3,
+        "corrupt": 1,
         "empty": 1,
-        "not_an_image": 1,
+        "not_an_image": 2,
         "missing_text": 1,
+        "missing_image": 1,
         "too_large": 1,
         "bad_text": 1,
     }
     assert dict(stats.converted) == {"RGBA": 1, "P": 1, "I;16": 1, "L": 1, "CMYK": 1}
 
 
-def test_data_check_reports_what_training_gets(messy_shards, capsys):
+def test_data_check_counts_add_up_to_the_samples_in_the_shards(messy_shards, capsys):
     report = check([str(messy_shards)], as_json=True, max_pixels=250 * 250)
     printed = json.loads(capsys.readouterr().out)
-    assert printed["ok"] == report["ok"] == 12
-    assert printed["skipped"]["truncated"] == 1 and sum(printed["skipped"].values()) == 6
+    in_shards = 0
+    for shard in messy_shards.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            in_shards += len({name.split(".")[0] for name in tar.getnames()})
+    assert printed["ok"] == report["ok"] == 12 and in_shards == 23
+    assert printed["ok"] + sum(printed["skipped"].values()) == in_shards
+    # the command line says the same, and exits 0 when something could be read
+    assert main(["data", "check", str(messy_shards), "--json", "--max-pixels", str(250 * 250)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == printed
 
 
 def consume(dataset, num_workers):

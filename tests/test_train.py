@@ -1,12 +1,14 @@
 """Training: exact resume, crash-safe checkpoints, non-finite losses, recipe errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from test_data_pipeline import write_tar
 
 import train.checkpoint as checkpoint_module
-from train.checkpoint import checkpoints, load_checkpoint
+from train.checkpoint import CheckpointError, checkpoints, load_checkpoint
 from train.logs import read_log
 from train.recipe import load_recipe, recipe_from_dict
 from train.trainer import TrainingError, build_training_model, load_tokenizer, train
@@ -219,3 +221,68 @@ def test_training_from_the_feature_cache_matches_training_from_pixels(shapes_dir
 def test_the_feature_cache_needs_a_frozen_encoder(shapes_dir, tmp_path):
     with pytest.raises(ConfigError, match="frozen encoder"):
         train(recipe_from_dict(tiny_recipe(shapes_dir, tmp_path, cache_features=True)), progress=False)
+
+
+class RunsCode:
+    """Unpickling this runs code: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("kind", ["crafted pickle", "damaged"])
+def test_resume_refuses_an_unsafe_or_damaged_state_file(shapes_dir, tmp_path, kind):
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    train(recipe_from_dict(tiny_recipe(shapes_dir, out, max_steps=5)), progress=False)
+    state = checkpoints(out)[-1] / "state.pt"
+    if kind == "damaged":
+        state.write_bytes(state.read_bytes()[:100])
+    else:
+        real = torch.load(state, weights_only=True)  # what vlm wrote loads without pickle
+        assert real["step"] == 5 and isinstance(real["rng"]["python"]["state"], torch.Tensor)
+        torch.save({**real, "payload": RunsCode(marker)}, state)
+    message = "refusing to load" if kind == "crafted pickle" else "is damaged"
+    with pytest.raises(CheckpointError, match=message) as err:
+        train(recipe_from_dict(tiny_recipe(shapes_dir, out, max_steps=8)), resume=True, progress=False)
+    assert str(state) in str(err.value) and not marker.exists()
+
+
+def shards_with_bad_samples(shapes_dir, out, bad_per_shard):
+    """One shapes shard (16 good samples) and, per entry of ``bad_per_shard``, a shard of that
+    many empty images."""
+    out.mkdir()
+    shutil.copy(sorted((shapes_dir / "train").glob("*.tar"))[0], out / "good.tar")
+    for i, n in enumerate(bad_per_shard):
+        text = json.dumps({"caption": "a red circle"}).encode()
+        write_tar(out / f"bad-{i}.tar", [{"__key__": f"{j:04d}", "png": b"", "json": text} for j in range(n)])
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # raised in a DataLoader worker, the message is the same
+def test_mostly_bad_data_stops_the_run_naming_the_worst_shards(shapes_dir, tmp_path, workers):
+    data = shards_with_bad_samples(shapes_dir, tmp_path / "data", [16, 4])  # 20 bad, 16 good
+    tree = tiny_recipe(shapes_dir, tmp_path / "run", max_steps=50)
+    tree["data"].update(train=str(data), tasks=["caption"], num_workers=workers)
+    with pytest.raises(TrainingError, match="worst shards") as err:
+        train(recipe_from_dict(tree), progress=False)
+    message = str(err.value)
+    assert "20 of the 36 samples read are bad" in message and "max_bad_fraction=0.5" in message
+    assert message.index("bad-0.tar (16 of 16 bad: empty 16)") < message.index("bad-1.tar")
+    assert "good.tar" not in message and "Traceback" not in message
+
+
+def test_a_few_bad_samples_still_train(shapes_dir, tmp_path):
+    data = shards_with_bad_samples(shapes_dir, tmp_path / "data", [3])  # 3 bad of 19
+    tree = tiny_recipe(shapes_dir, tmp_path / "run", max_steps=6)  # 3 epochs: each judged at its end
+    tree["data"].update(train=str(data), tasks=["caption"])
+    summary = train(recipe_from_dict(tree), progress=False)
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert summary["steps"] == 6 and log[-1]["epoch"] >= 2
+    # the same data under a stricter limit stops
+    tree["data"]["max_bad_fraction"] = 0.1
+    tree["run"]["out"] = str(tmp_path / "strict")
+    with pytest.raises(TrainingError, match=r"3 of the 19 samples read are bad \(16%"):
+        train(recipe_from_dict(tree), progress=False)

@@ -1,22 +1,35 @@
 """Training checkpoints: trainable weights, optimizer, schedule, RNG states, data position.
 
-Each checkpoint is written into a temporary directory and renamed into place, so a crash
-during a save never damages the last good one; only the last ``keep`` are kept.
+Each checkpoint is written into a temporary directory, flushed to disk and renamed into place,
+so a kill during a save never damages the last good one; only the last ``keep`` are kept.
+
+``state.pt`` holds tensors and plain values only (RNG states as tensors) and is read with
+``torch.load(weights_only=True)``: a checkpoint from someone else cannot run code on resume.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 PREFIX = "ckpt-"
+WEIGHTS = "trainable.safetensors"
+STATE = "state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -24,23 +37,54 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (loadable with ``weights_only=True``)."""
+    version, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "gauss": [has_gauss, cached],
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], *numpy["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are not listed)."""
-    return sorted(p for p in Path(run_dir).glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """Complete checkpoints, oldest first (directories being written or deleted are not listed)."""
+    return sorted(
+        p for p in Path(run_dir).glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()
+    )
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file (or a directory's entries) to disk: the rename that follows must not
+    reach the disk before the data it makes visible."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Renames, then deletes: a kill halfway through never leaves half a checkpoint listed."""
+    doomed = path.with_name(path.name + ".del")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -100,29 +144,35 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f"{PREFIX}{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in run_dir.glob(f"{PREFIX}*.*"):  # left by a run killed while saving or pruning
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(weights, tmp / "trainable.safetensors")
+    save_file(weights, tmp / WEIGHTS)
     torch.save(
         {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(), **state},
-        tmp / "state.pt",
+        tmp / STATE,
     )
+    for file in (tmp / WEIGHTS, tmp / STATE, tmp):
+        _fsync(file)
     if final.exists():  # a re-save of the same step replaces it
-        shutil.rmtree(final)
+        _remove(final)
     tmp.rename(final)
+    _fsync(run_dir)
     for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, scheduler=None) -> dict[str, Any]:
     """Restores weights (and optimizer, schedule, RNG states when given); returns the state dict."""
     path = Path(path)
-    weights = load_file(path / "trainable.safetensors")
+    weights = _read(path / WEIGHTS, load_file)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks trainable weights {missing[:3]}; was the recipe changed?")
-    state = torch.load(path / "state.pt", weights_only=False)
+        raise CheckpointError(
+            f"checkpoint {path} lacks trainable weights {missing[:3]}; was the recipe changed?"
+        )
+    state = _read(path / STATE, lambda file: torch.load(file, weights_only=True))
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -140,3 +190,25 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, sched
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
+
+
+def _read(file: Path, load) -> Any:
+    """``load(file)``, with one clear message for a missing, damaged or unsafe file."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete; delete {file.parent}")
+    try:
+        return load(file)
+    except pickle.UnpicklingError as err:  # weights_only refused an object that could run code
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = (
+            f"it calls {found.group(1)}" if found else "it holds objects other than tensors and plain values"
+        )
+        raise CheckpointError(
+            f"refusing to load {file}: {what}, which could run code. vlm's checkpoints hold tensors and "
+            "plain values only; resume only from checkpoints vlm wrote"
+        ) from None
+    except (SafetensorError, RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"{file} is damaged ({type(err).__name__}: {err}); delete {file.parent} to resume from "
+            "the checkpoint before it"
+        ) from None

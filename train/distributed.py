@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,18 @@ def wrap_model(model: nn.Module, env: Dist, *, shard: bool) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def cleanup(env: Dist) -> None:
-    if env.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(env: Dist, *, finished: bool = True) -> None:
+    """Leaves the process group, so that every rank of a finished run exits 0.
+
+    A wrapped model holds the group (FSDP2's device mesh, DDP's reducer) inside reference
+    cycles, which only the garbage collector frees: left to interpreter shutdown, the group is
+    destroyed in a half torn-down process, which aborts it ("terminate called without an active
+    exception"). So the model is collected first. After a finished run the ranks also wait for
+    each other (rank 0 exports the model last), so none leaves while another still needs it.
+    """
+    if not (env.enabled and dist.is_initialized()):
+        return
+    gc.collect()
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -41,9 +41,18 @@ class RunLog:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
+    """The step records; a last line cut short by a killed process is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):  # only the last write can have been cut
+                raise
+    return records
 
 
 def plot_loss(log_path: Path, png_path: Path) -> None:

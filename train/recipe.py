@@ -36,6 +36,9 @@ class DataConfig:
             each attending to itself only: no padding to pay for. 0: one per row. Batches
             then hold ``run.batch_size`` rows of this length. Each rank packs its own examples,
             so with ``split = "example"`` the global batches are no longer one process's.
+        max_bad_fraction: stop the run, naming the worst shards, when more than this share of
+            the samples read is undecodable or lacks its text (a few bad samples are skipped
+            and counted; mostly bad data is a wrong path or a broken download).
     """
 
     train: str = ""
@@ -52,6 +55,7 @@ class DataConfig:
     pack_turns: bool = False
     pack_length: int = 0
     templates: dict[str, str] = field(default_factory=dict)
+    max_bad_fraction: float = 0.5
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from data.loader import make_loader
+from data.pipeline import BadDataError
 from data.transforms import encoder_transform
 from train.checkpoint import checkpoints, gather_model_state, is_sharded, load_checkpoint, save_checkpoint
 from train.distributed import Dist, all_reduce_sum, cleanup, init_distributed, wrap_model
@@ -156,6 +157,7 @@ def make_train_loader(
         pack_turns=data.pack_turns,
         pack_length=data.pack_length,
         shuffle_buffer=data.shuffle_buffer,
+        max_bad_fraction=data.max_bad_fraction,
         seed=recipe.run.seed,
         **shard_rank,
     )
@@ -164,10 +166,13 @@ def make_train_loader(
 def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Runs a recipe; returns a summary (final loss, steps, seconds, where the model is)."""
     env = init_distributed(recipe.run.device)
+    finished = False
     try:
-        return _train(recipe, env, resume=resume, progress=progress)
-    finally:
-        cleanup(env)
+        summary = _train(recipe, env, resume=resume, progress=progress)
+        finished = True
+        return summary
+    finally:  # after _train has returned, its model is garbage the cleanup can collect
+        cleanup(env, finished=finished)
 
 
 def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[str, Any]:
@@ -247,7 +252,10 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
     bad_in_row, start, last_loss = 0, time.perf_counter(), float("nan")
     while state["step"] < run.max_steps:
         step_start = time.perf_counter()
-        batches = [stream.next() for _ in range(run.grad_accum)]
+        try:
+            batches = [stream.next() for _ in range(run.grad_accum)]
+        except BadDataError as err:
+            raise TrainingError(f"stopped before step {state['step'] + 1}: {err}") from None
         tokens = all_reduce_sum(
             torch.tensor(
                 sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), dtype=torch.float64

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,21 +144,41 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish(command: str, done: int, what: str, stats) -> int:
+    """Reports what was skipped and picks the exit code: 0 when every input was read, 1 when
+    some were skipped, 2 when nothing could be read."""
+    from eval.predict import InputError
+
+    skipped = sum(stats.skipped.values())
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(stats.skipped.items()))
+    if not done:
+        raise InputError(f"nothing could be read ({skipped} skipped: {reasons or 'no inputs'})")
+    if skipped:
+        print(f"vlm {command}: {done} {what}; {skipped} input(s) skipped: {reasons}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
-    from eval.predict import Predictor, batched, check_model_dir, read_inputs
+    from tqdm import tqdm
+
+    from data.decode import DecodeStats
+    from eval.predict import Predictor, batched, check_model_dir, plan_inputs, read_sources
     from vlm.generate import GenerationConfig
 
     check_model_dir(args.model)
-    items = list(read_inputs(args.images))  # read all first: bad input fails before the model loads
+    stats = DecodeStats()
+    sources = plan_inputs(args.images, stats)  # before the model loads: nothing there fails fast
+    if not sources:
+        return _finish(args.command, 0, "answered", stats)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     predictor = Predictor(args.model, device=args.device, generation=generation)
     question = getattr(args, "question", None)
+    done = 0
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
     try:
-        from tqdm import tqdm
-
-        with tqdm(total=len(items), desc=args.command, unit="image", disable=args.out is None) as bar:
-            for chunk in batched(items, args.batch_size):
+        with tqdm(desc=args.command, unit="image", disable=args.out is None) as bar:
+            for chunk in batched(read_sources(sources, stats), args.batch_size):
                 questions = [question] * len(chunk) if question else None
                 texts = predictor.predict([i.image for i in chunk], args.command, questions)
                 for item, text in zip(chunk, texts):
@@ -167,11 +188,13 @@ def _predict(args: argparse.Namespace) -> int:
                         "prediction": text,
                     }
                     out.write(json.dumps(record) + "\n")
+                out.flush()  # a crash or Ctrl-C keeps every answer made so far
+                done += len(chunk)
                 bar.update(len(chunk))
     finally:
         if out is not sys.stdout:
             out.close()
-    return 0
+    return _finish(args.command, done, "answered", stats)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -179,18 +202,19 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.predictions:
         metrics = score_file(args.predictions, args.task, args.out)
+        code = 0
     elif args.model and args.data:
         from eval.predict import check_model_dir
 
         check_model_dir(args.model)
-        metrics = evaluate(
-            args.model, args.data, args.task, args.out, limit=args.limit, device=args.device
-        ).metrics
+        run = evaluate(args.model, args.data, args.task, args.out, limit=args.limit, device=args.device)
+        metrics = run.metrics
+        code = _finish(args.command, len(run.records), "examples evaluated", run.inputs)
     else:
         raise ValueError("give --predictions FILE, or --model DIR and --data SHARDS")
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     print(f"wrote {args.out}/metrics.json")
-    return 0
+    return code
 
 
 def _save(args: argparse.Namespace) -> int:
@@ -230,18 +254,27 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the options every command takes."""
+    parser = commands.add_parser(name, **kwargs)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (or set VLM_DEBUG=1)"
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Vision-language models: train, caption, ask.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="make the shapes data, train the default model, evaluate it")
+    demo = _command(commands, "demo", help="make the shapes data, train the default model, evaluate it")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--recipe", default=str(_recipes() / "shapes.toml"), help="default: shapes.toml")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     demo.set_defaults(func=_demo)
 
     for task, help_text in (("caption", "caption images"), ("vqa", "answer a question about images")):
-        sub = commands.add_parser(task, help=f"{help_text} (files, folders or shards) with a trained model")
+        sub = _command(commands, task, help=f"{help_text} (files, folders or shards) with a trained model")
         sub.add_argument("images", nargs="+", help="image files, folders of images, or webdataset shards")
         sub.add_argument(
             "--model", required=True, help="a model directory (from `vlm train` or save_pretrained)"
@@ -255,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="auto")
         sub.set_defaults(func=_predict)
 
-    ev = commands.add_parser("eval", help="evaluate a model on shards, or score a predictions file")
+    ev = _command(commands, "eval", help="evaluate a model on shards, or score a predictions file")
     ev.add_argument("--task", required=True, choices=["caption", "vqa"])
     ev.add_argument("--out", required=True, help="directory for metrics.json (and gallery.html)")
     ev.add_argument("--model", help="a model directory")
@@ -265,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_eval)
 
-    bench = commands.add_parser("bench", help="time vlm against transformers' LLaVA, BLIP-2 and IDEFICS")
+    bench = _command(commands, "bench", help="time vlm against transformers' LLaVA, BLIP-2 and IDEFICS")
     bench.add_argument(
         "--models", nargs="+", default=["llava", "blip2", "idefics"], choices=["llava", "blip2", "idefics"]
     )
@@ -287,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_bench)
 
-    save = commands.add_parser(
-        "save", help="write a model (vlm, or transformers LLaVA / BLIP-2 / IDEFICS) in vlm's format"
+    save = _command(
+        commands, "save", help="write a model (vlm, or transformers LLaVA / BLIP-2 / IDEFICS) in vlm's format"
     )
     save.add_argument("--model", required=True, help="a model directory")
     save.add_argument("--out", required=True, help="where to write the vlm model")
@@ -299,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     save.set_defaults(func=_save)
 
-    train = commands.add_parser("train", help="train a model from a recipe (train/recipes/*.toml)")
+    train = _command(commands, "train", help="train a model from a recipe (train/recipes/*.toml)")
     train.add_argument("recipe", help="recipe TOML file")
     train.add_argument("--max-steps", type=int, default=None, help="override run.max_steps")
     train.add_argument("--out", default=None, help="override run.out, the run directory")
@@ -316,12 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="check, write and generate webdataset shards")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    check = data_commands.add_parser("check", help="read shards as training would and report what it gets")
+    check = _command(data_commands, "check", help="read shards as training would and report what it gets")
     check.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
 
-    write = data_commands.add_parser("write", help="write shards from images and their texts")
+    write = _command(data_commands, "write", help="write shards from images and their texts")
     write.add_argument("--out", required=True, help="output directory")
     write.add_argument("--images", required=True, help="image folder the texts refer to")
     source = write.add_mutually_exclusive_group(required=True)
@@ -332,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--samples-per-shard", type=int, default=1000)
     write.add_argument("--num-shards", type=int, default=None, help="spread samples over this many shards")
 
-    shapes = data_commands.add_parser("shapes", help="generate the synthetic shapes dataset")
+    shapes = _command(data_commands, "shapes", help="generate the synthetic shapes dataset")
     shapes.add_argument("--out", required=True)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--train", type=int, default=20000)
@@ -344,10 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. Exit codes: 0 done; 1 done, but some inputs were skipped (or a training
+    run stopped); 2 nothing could be read, or the arguments, files or configuration are wrong;
+    130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:  # InputError is a ValueError
+    except (ConfigError, OSError, ValueError) as err:  # InputError, CheckpointError: ValueErrors
+        if args.debug or os.environ.get("VLM_DEBUG", "") not in ("", "0"):
+            raise
         print(f"vlm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from vlm.config import ConfigError, ModelConfig
+from vlm.files import read_json, read_safetensors
 from vlm.model import VisionLanguageModel, build_model
 
 CONFIG_FILE = "config.json"
@@ -93,11 +94,14 @@ def from_pretrained(path: str | Path, *, dtype: str | torch.dtype | None = None)
             f"{str(path)!r} is not a vlm model directory (no {CONFIG_FILE}); "
             "write one with model.save_pretrained(DIR)"
         )
-    data = json.loads((path / CONFIG_FILE).read_text())
+    data = read_json(path / CONFIG_FILE)
     if "encoder" not in data or "decoder" not in data:
         model = _convert(path, data)
     else:
-        config = ModelConfig.from_dict(data)
+        try:
+            config = ModelConfig.from_dict(data)
+        except ConfigError as err:  # an unknown part or key: say which file holds it
+            raise ConfigError(f"{path / CONFIG_FILE}: {err}") from None
         full = _weights_file(path).name == WEIGHTS_FILE  # fails before building without weights
         model = build_model(config, empty=full)  # a bridge-only file loads onto a rebuilt base
         load_weights(model, path, assign=full)
@@ -157,7 +161,7 @@ def load_weights(model: VisionLanguageModel, path: str | Path, *, assign: bool =
     """Loads a saved directory's weights (full or bridge-only) into a built model; ``assign``
     for full weights into a model built with ``build_model(..., empty=True)``."""
     file = _weights_file(Path(path))
-    weights = load_file(file)
+    weights = read_safetensors(file)
     if file.name == WEIGHTS_FILE:
         _load(lambda: _load_full(model, weights, assign=assign), file)
     else:
@@ -211,7 +215,13 @@ def load_tokenizer(path: str | Path):
         raise ConfigError(
             f"no tokenizer in {str(path)!r} (no tokenizer_config.json); save one beside the model"
         )
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exceptions for damaged files
+        raise ConfigError(
+            f"the tokenizer in {str(path)!r} cannot be loaded ({type(err).__name__}: {err}); save the "
+            "training tokenizer beside the model again: tokenizer.save_pretrained(DIR)"
+        ) from None
 
 
 def _load(load, file: Path) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from vlm.config import ConfigError
 from vlm.encoders.base import CLIP_MEAN, CLIP_STD
 from vlm.encoders.vit import ViTConfig
+from vlm.files import read_json, read_safetensors
 from vlm.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,12 @@ class Checkpoint(dict):
 def read_weights(path: Path) -> Checkpoint:
     """Every tensor of a transformers directory: ``model.safetensors``, its sharded index, or
     ``pytorch_model.bin``."""
-    from safetensors.torch import load_file
-
     if (path / "model.safetensors").is_file():
-        return Checkpoint(load_file(path / "model.safetensors"), path)
+        return Checkpoint(read_safetensors(path / "model.safetensors"), path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return Checkpoint({k: v for f in files for k, v in load_file(path / f).items()}, path)
+        files = sorted(set(read_json(index)["weight_map"].values()))
+        return Checkpoint({k: v for f in files for k, v in read_safetensors(path / f).items()}, path)
     if (path / "pytorch_model.bin").is_file():
         return Checkpoint(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True), path)
     raise ConfigError(
