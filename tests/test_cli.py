@@ -1,12 +1,12 @@
 """The command line: captions, answers and evaluations; bad input ends with one clear message."""
 
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_data_pipeline import png, write_tar
 from test_train import tiny_recipe
 
 from eval.predict import Predictor
@@ -86,12 +86,11 @@ def test_nothing_readable_ends_with_one_message_and_exit_2(
 def write_mixed_folder(folder):
     """Two good images and one of each kind of bad file."""
     folder.mkdir()
-    png = io.BytesIO()
-    Image.new("RGB", (40, 40), (200, 40, 40)).save(png, format="PNG")
-    (folder / "a-good.png").write_bytes(png.getvalue())
+    good = png(Image.new("RGB", (40, 40), (200, 40, 40)))
+    (folder / "a-good.png").write_bytes(good)
     (folder / "b-empty.png").write_bytes(b"")
-    (folder / "c-cut-header.png").write_bytes(png.getvalue()[:20])
-    (folder / "d-cut-pixels.png").write_bytes(png.getvalue()[:-30])
+    (folder / "c-cut-header.png").write_bytes(good[:20])
+    (folder / "d-cut-pixels.png").write_bytes(good[:-30])
     (folder / "e-text.jpg").write_text("not an image")
     Image.new("RGB", (40, 40), (40, 40, 200)).save(folder / "f-good.jpg")
     return {"empty": 1, "truncated": 2, "not_an_image": 1}
@@ -248,6 +247,23 @@ def test_eval_a_model_on_shards_writes_metrics_and_gallery(model_dir, shapes_dir
     assert gallery.count("<img") > 0 and "Q: how many shapes are there?" in gallery
     predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == metrics["questions"]
+
+
+def test_eval_skips_bad_samples_counts_them_and_exits_1(model_dir, shapes_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(sorted((shapes_dir / "test").glob("*.tar"))[0], data / "good.tar")
+    text = json.dumps({"question": "how many shapes are there?", "answers": ["2"]}).encode()
+    cut = png(Image.new("RGB", (32, 32)))[:20]  # ends inside the header
+    write_tar(data / "bad.tar", [{"__key__": "cut", "png": cut, "json": text}])
+    out = tmp_path / "eval"
+    code, _, err = run(
+        ["eval", "--model", model_dir, "--data", str(data), "--task", "vqa", "--out", str(out)], capsys
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert code == 1 and "examples evaluated; 1 input(s) skipped: truncated 1" in err
+    assert metrics["inputs"]["ok"] == 8 and metrics["inputs"]["skipped"] == {"truncated": 1}
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == metrics["questions"]
 
 
 def test_data_commands(tmp_path, capsys, images):

@@ -97,7 +97,8 @@ def _data(args: argparse.Namespace) -> int:
 
     if args.data_command == "check":
         report = commands.check(args.shards, as_json=args.json, max_pixels=args.max_pixels)
-        return 0 if report["ok"] > 0 else 1
+        skipped = sum(report["skipped"].values())
+        return 2 if not report["ok"] else 1 if skipped else 0
     if args.data_command == "write":
         commands.write(
             out=args.out,
