@@ -89,7 +89,8 @@ def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple
     A frozen-feature cache sample (``KEY.npy``: the encoder's features, ``(N_img, N, D)``)
     gives ``"features"`` (a tensor) instead of images.
 
-    Raises ``BadSample`` (``missing_image``, ``missing_text``, ``bad_text`` or a decode reason).
+    Raises ``BadSample`` (``missing_image``, ``missing_text``, ``bad_text``, ``bad_features`` or a
+    decode reason).
     """
     exts = _image_keys(raw)
     if not exts and "npy" not in raw:
