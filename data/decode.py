@@ -46,10 +46,15 @@ class DecodeStats:
     def as_dict(self) -> dict:
         return {"ok": self.ok, "converted": dict(self.converted), "skipped": dict(self.skipped)}
 
+    def skipped_counts(self) -> str:
+        """``"empty 1, truncated 2"``: the skips by reason, or ``""``."""
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
+
     def summary(self) -> str:
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
         converted = ", ".join(f"{k} {v}" for k, v in sorted(self.converted.items())) or "none"
-        return f"{self.ok} samples ok; converted to RGB: {converted}; skipped: {skipped}"
+        return (
+            f"{self.ok} samples ok; converted to RGB: {converted}; skipped: {self.skipped_counts() or 'none'}"
+        )
 
 
 def _on_white(image: Image.Image) -> Image.Image:

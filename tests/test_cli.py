@@ -166,7 +166,7 @@ def set_bridge_name(model):
         (lambda m: (m / "config.json").write_text('{"encoder": '), "config.json", "is not valid JSON"),
         (lambda m: (m / "config.json").write_text("[1, 2]"), "config.json", "not an object"),
         (set_bridge_name, "config.json", "unknown bridge 'mlp9x_gelu'"),
-        (lambda m: (m / "tokenizer_config.json").unlink(), "", "holds no tokenizer"),
+        (lambda m: (m / "tokenizer_config.json").unlink(), "", "no tokenizer in"),
         (lambda m: (m / "tokenizer.json").write_text("{not json"), "", "tokenizer"),
     ],
     ids=[

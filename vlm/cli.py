@@ -150,8 +150,7 @@ def _finish(command: str, done: int, what: str, stats) -> int:
     some were skipped, 2 when nothing could be read."""
     from eval.predict import InputError
 
-    skipped = sum(stats.skipped.values())
-    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(stats.skipped.items()))
+    skipped, reasons = sum(stats.skipped.values()), stats.skipped_counts()
     if not done:
         raise InputError(f"nothing could be read ({skipped} skipped: {reasons or 'no inputs'})")
     if skipped:
