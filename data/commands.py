@@ -6,9 +6,8 @@ import json
 from collections import Counter
 
 from tqdm import tqdm
-
-from data.pipeline import ImageTextShards
-from data.writers import from_coco_captions, from_image_folder, from_vqa, write_shards
+from vlm.data.pipeline import ImageTextShards
+from vlm.data.writers import from_coco_captions, from_image_folder, from_vqa, write_shards
 
 
 def check(shards: list[str], *, as_json: bool = False, max_pixels: int | None = None) -> dict:

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-
-from data.packing import PackedStream
-from data.pipeline import ImageTextShards
+from vlm.data.packing import PackedStream
+from vlm.data.pipeline import ImageTextShards
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
-
-from data.writers import Record, encode_png, write_shards
+from vlm.data.writers import Record, encode_png, write_shards
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only tokenizer() needs it
     from transformers import PreTrainedTokenizerFast
@@ -388,7 +387,7 @@ def write_shapes(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m data.shapes OUT_DIR [--train N ...]``: writes the dataset and times it."""
+    """``python -m vlm.data.shapes OUT_DIR [--train N ...]``: writes the dataset and times it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)

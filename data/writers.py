@@ -21,8 +21,7 @@ from typing import Any
 
 import webdataset as wds
 from tqdm import tqdm
-
-from data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
+from vlm.data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
 
 
 @dataclass

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from eval.bench import SIZES, Size, build_transformers, placeholder_tokenizer
+from vlm.eval.bench import SIZES, Size, build_transformers, placeholder_tokenizer
 
 #: The checkpoint measured: the ``small`` benchmark's vision tower, a wider and deeper Llama.
 SIZE = replace(SIZES["small"], text_width=1024, text_depth=12, text_heads=16, text_kv_heads=4, text_ffn=2816)
@@ -67,7 +66,7 @@ def measure(path: Path) -> dict[str, Any]:
 
 
 def run(out: str | Path = "eval/results") -> Path:
-    from eval.bench import device_name
+    from vlm.eval.bench import device_name
 
     with tempfile.TemporaryDirectory() as tmp:
         size = write_checkpoint(Path(tmp))

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from vlm.eval.bench import SIZES, device_name, make_inputs, model_pair
+from vlm.eval.bench import sync as bench_sync
 
-from eval.bench import SIZES, device_name, make_inputs, model_pair
-from eval.bench import sync as bench_sync
 from vlm.generate import generate
 
 # Each variant: recipe overrides on top of the shapes recipe, and the variant it is compared with.
@@ -60,10 +60,10 @@ def training_rows(steps: int, shapes: str) -> list[dict[str, Any]]:
     """
     from importlib.resources import files
 
-    from train.recipe import load_recipe
-    from train.trainer import train
+    from vlm.train.recipe import load_recipe
+    from vlm.train.trainer import train
 
-    recipe_path = Path(str(files("train") / "recipes" / "shapes.toml"))
+    recipe_path = Path(str(files("vlm.train") / "recipes" / "shapes.toml"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (overrides, _) in TRAINING_VARIANTS.items():
@@ -183,7 +183,7 @@ def cache_rows(size: str = "small", rows: int = 16, tokens: int = 64, compile: b
 
 
 def run(out: str | Path = "eval/results", steps: int = 40, shapes: str = "runs/shapes-data") -> Path:
-    from data.shapes import write_shapes
+    from vlm.data.shapes import write_shapes
 
     write_shapes(shapes)  # a no-op when the default dataset is already there
     results = {

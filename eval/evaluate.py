@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
-
-from data.decode import DecodeStats
-from data.loader import task_examples
-from eval.captions import caption_metrics
-from eval.gallery import write_gallery
-from eval.predict import InputError, Predictor, batched, read_inputs
-from eval.vqa import vqa_accuracy, vqa_score
+from vlm.data.decode import DecodeStats
+from vlm.data.loader import task_examples
+from vlm.eval.captions import caption_metrics
+from vlm.eval.gallery import write_gallery
+from vlm.eval.predict import InputError, Predictor, batched, read_inputs
+from vlm.eval.vqa import vqa_accuracy, vqa_score
 
 TASKS = ("caption", "vqa")
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+from vlm.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeStats, decode_image
+from vlm.data.pipeline import ImageTextShards
+from vlm.data.transforms import encoder_transform
 
-from data.decode import IMAGE_EXTENSIONS, BadSample, DecodeStats, decode_image
-from data.pipeline import ImageTextShards
-from data.transforms import encoder_transform
 from vlm.config import ConfigError
 from vlm.generate import GenerationConfig, generate
 from vlm.hub import from_pretrained, load_tokenizer

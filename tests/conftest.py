@@ -17,7 +17,7 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A small shapes dataset (32 px): 48 train, 8 val and 8 test samples, 16 per shard."""
-    from data.shapes import write_shapes
+    from vlm.data.shapes import write_shapes
 
     root = tmp_path_factory.mktemp("shapes")
     write_shapes(root, train=48, val=8, test=8, image_size=32, samples_per_shard=16)

@@ -104,17 +104,10 @@ def test_multihead_attention_matches_reference():
 
 # MultiHeadAttention modules run by encode_images (one batched call each): ViT blocks up to
 # the feature layer, Q-Former self + cross attentions, perceiver resampler layers.
-ENCODE_CALLS = {
-    ("vit", "linear"): 1,
-    ("vit", "mlp2x_gelu"): 1,
-    ("vit", "qformer"): 1 + 3,
-    ("vit", "perceiver"): 1 + 1,
-    ("clip", "linear"): 0,
-    ("clip", "mlp2x_gelu"): 0,
-    ("clip", "qformer"): 3,
-    ("clip", "perceiver"): 1,
-}
-GATED_BLOCKS = 2  # perceiver: one gated cross-attention block before each of the 2 LM layers
+ENCODER_CALLS = {"vit": 1, "clip": 0}
+BRIDGE_CALLS = {"linear": 0, "mlp2x_gelu": 0, "qformer": 3, "perceiver": 1, "test_xattn": 0}
+# Inside the LM: perceiver, one gated block before each of the 2 LM layers; test_xattn, one.
+LM_CALLS = {"perceiver": 2, "test_xattn": 1}
 
 
 class _SDPACounter:
@@ -161,14 +154,15 @@ def test_every_vlm_attention_runs_through_sdpa(encoder, bridge, monkeypatch):
         if encoder == "vit":  # open_clip's tower and the HF LM are not vlm's code
             _no_softmax(m)
         model.encode_images(batch["pixel_values"])
-    assert counter.from_vlm == mha["n"] == ENCODE_CALLS[encoder, bridge]
+    encode_calls = ENCODER_CALLS[encoder] + BRIDGE_CALLS[bridge]
+    assert counter.from_vlm == mha["n"] == encode_calls
     if encoder == "vit":
         assert counter.total == counter.from_vlm > 0  # nothing else attends
 
     counter.total = counter.from_vlm = mha["n"] = 0
     with torch.no_grad():
         model(**batch)
-    expected = ENCODE_CALLS[encoder, bridge] + (GATED_BLOCKS if bridge == "perceiver" else 0)
+    expected = encode_calls + LM_CALLS.get(bridge, 0)
     assert counter.from_vlm == mha["n"] == expected
     assert counter.total > counter.from_vlm  # the HF LM attends through SDPA as well
     for handle in handles:

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-
-from eval import bench
+from vlm.eval import bench
 
 
 @pytest.mark.parametrize("name", bench.MODELS)
@@ -55,7 +54,7 @@ def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
 
 
 def test_training_options_run_every_variant(shapes_dir):
-    from eval.bench_options import TRAINING_VARIANTS, training_rows
+    from vlm.eval.bench_options import TRAINING_VARIANTS, training_rows
 
     rows = training_rows(steps=2, shapes=str(shapes_dir))
     assert [r["variant"] for r in rows] == list(TRAINING_VARIANTS)
@@ -65,7 +64,7 @@ def test_training_options_run_every_variant(shapes_dir):
 
 
 def test_generation_cost_is_measured_per_new_token_for_one_and_four_images():
-    from eval.bench_options import image_scaling_rows
+    from vlm.eval.bench_options import image_scaling_rows
 
     rows = image_scaling_rows(size="tiny", tokens=8, repeats=2)
     assert [r["model"] for r in rows] == ["llava", "idefics"]
@@ -85,7 +84,7 @@ def test_step_flops_counts_a_matmul_forward_and_backward():
 
 
 def test_cache_variants_are_compared_to_the_dynamic_cache():
-    from eval.bench_options import cache_rows
+    from vlm.eval.bench_options import cache_rows
 
     rows = cache_rows(size="tiny", rows=2, tokens=4, compile=False)
     assert [r["variant"] for r in rows] == ["dynamic cache", "static cache"]

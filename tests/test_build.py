@@ -7,9 +7,18 @@ import tiny
 import torch
 import torch.nn.functional as F
 
-from vlm import ConfigError, ModelConfig, build_model
+from vlm import ConfigError, HFDecoderConfig, ModelConfig, build_model, registry
 
-ENCODERS = ("vit", "clip")
+ENCODERS = tuple(tiny.ENCODERS)
+
+
+def test_every_registered_part_has_a_tiny_config():
+    """The shared tests below run over every registered part: a part registered without a tiny
+    config here would go untested, so it fails this test instead."""
+    assert set(registry.ENCODERS.names()) == set(tiny.ENCODERS)
+    assert set(registry.BRIDGES.names()) == set(tiny.BRIDGES)
+    tested_decoders = {HFDecoderConfig(hf_config=c).name for c in tiny.DECODERS.values()}
+    assert set(registry.DECODERS.names()) == tested_decoders
 
 
 @pytest.mark.parametrize("decoder", tiny.DECODERS)

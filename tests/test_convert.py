@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from vlm.eval import bench
 
 import vlm
-from eval import bench
 from vlm.cli import main
 from vlm.generate import generate
 
@@ -172,7 +172,7 @@ def test_a_bf16_checkpoint_loads_as_bf16_in_about_its_own_size(tmp_path):
     3.0x with a float32 model built first); float32 pixels still work, and a cast is one argument."""
     from dataclasses import replace
 
-    from eval.bench_convert import measure, write_checkpoint
+    from vlm.eval.bench_convert import measure, write_checkpoint
 
     size = replace(bench.SIZES["small"], text_width=512, text_depth=4, text_heads=8, text_ffn=1408)
     checkpoint_bytes = write_checkpoint(tmp_path, size, IMAGE_ID)

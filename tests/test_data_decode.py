@@ -5,8 +5,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-
-from data.decode import BadSample, decode_image
+from vlm.data.decode import BadSample, decode_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

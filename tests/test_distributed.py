@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import losses, tiny_recipe
-
-from train.recipe import recipe_from_dict
-from train.trainer import train
+from vlm.train.recipe import recipe_from_dict
+from vlm.train.trainer import train
 
 
 def toml(tree, prefix=""):

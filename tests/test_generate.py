@@ -18,10 +18,7 @@ def model_for(bridge, decoder="llama"):
         for p in model.decoder.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.3)
-    if bridge == "perceiver":  # open the gates, so the images really steer the text
-        for block in model.bridge.blocks.values():
-            torch.nn.init.constant_(block.attn_gate, 1.0)
-            torch.nn.init.constant_(block.mlp_gate, 1.0)
+    tiny.open_gates(model)  # cross-attention bridges: so the images really steer the text
     return model
 
 
@@ -47,7 +44,7 @@ def prompts(model, lengths=(3, 6), images_per_row=(1, 2), seed=0):
 
 
 @pytest.mark.parametrize("decoder", ["llama", "gpt2"])
-@pytest.mark.parametrize("bridge", ["linear", "qformer", "perceiver"])
+@pytest.mark.parametrize("bridge", tiny.BRIDGES)
 def test_cached_generation_equals_recomputing_everything(bridge, decoder):
     model = model_for(bridge, decoder)
     input_ids, mask, pixels = prompts(model)
@@ -79,7 +76,7 @@ def test_bad_cache_settings_are_refused():
         generate(model, input_ids, mask, pixels, compile=True)
 
 
-@pytest.mark.parametrize("bridge", ["mlp2x_gelu", "qformer", "perceiver"])
+@pytest.mark.parametrize("bridge", tiny.BRIDGES)
 def test_batched_generation_equals_one_by_one(bridge):
     model = model_for(bridge)
     input_ids, mask, pixels = prompts(model, lengths=(2, 7), images_per_row=(1, 1))
@@ -92,7 +89,7 @@ def test_batched_generation_equals_one_by_one(bridge):
         assert torch.equal(alone[0], batched[row, : alone.shape[1]])
 
 
-@pytest.mark.parametrize("bridge", ["linear", "perceiver"])
+@pytest.mark.parametrize("bridge", tiny.BRIDGES)
 def test_beam_search_with_one_beam_is_greedy(bridge):
     model = model_for(bridge)
     input_ids, mask, pixels = prompts(model)
@@ -103,8 +100,9 @@ def test_beam_search_with_one_beam_is_greedy(bridge):
     )
 
 
-def test_beam_search_finds_a_likelier_sequence_and_caches_exactly():
-    model = model_for("qformer")
+@pytest.mark.parametrize("bridge", tiny.BRIDGES)
+def test_beam_search_finds_a_likelier_sequence_and_caches_exactly(bridge):
+    model = model_for(bridge)
     input_ids, mask, pixels = prompts(model)
     beams = generate(model, input_ids, mask, pixels, max_new_tokens=6, num_beams=4, length_penalty=0.0)
     assert torch.equal(

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from test_distributed import toml
 from test_train import losses, tiny_recipe
-
-from train.checkpoint import checkpoints
+from vlm.train.checkpoint import checkpoints
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -20,7 +19,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # SIGKILLs itself: no exception, no cleanup, exactly what a kill at that moment leaves.
 DIES_WHILE_SAVING = """
 import os, signal, sys
-import train.checkpoint as checkpoint
+import vlm.train.checkpoint as checkpoint
 calls = []
 def save(obj, path, *args, **kwargs):
     calls.append(path)

@@ -3,9 +3,8 @@
 import math
 
 import pytest
-
-from eval.captions import caption_metrics, tokenize
-from eval.vqa import normalize_prediction, process_punctuation, vqa_accuracy, vqa_score
+from vlm.eval.captions import caption_metrics, tokenize
+from vlm.eval.vqa import normalize_prediction, process_punctuation, vqa_accuracy, vqa_score
 
 
 def test_bleu_and_rouge_by_hand():

@@ -4,10 +4,10 @@ import pytest
 import tiny
 import torch
 from test_processor import red_square_shard, word_tokenizer
+from vlm.data.loader import make_loader
+from vlm.data.packing import PackedStream
+from vlm.data.transforms import image_transform
 
-from data.loader import make_loader
-from data.packing import PackedStream
-from data.transforms import image_transform
 from vlm import ConfigError, build_model
 from vlm.processor import Processor
 
@@ -23,11 +23,12 @@ def tiny_model(bridge, decoder, attention="sdpa"):
     config.decoder.hf_config = {**config.decoder.hf_config, "vocab_size": len(tok)}
     config.image_token_id = tok.convert_tokens_to_ids("<image>")
     model = build_model(config).eval()
+    tiny.open_gates(model, 0.5)  # cross-attention bridges: images that matter
     return model, Processor(tok, tokens_per_image=model.tokens_per_image)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("bridge", ["mlp2x_gelu", "qformer", "perceiver"])
+@pytest.mark.parametrize("bridge", tiny.BRIDGES)
 @pytest.mark.parametrize("decoder", ["gpt2", "llama", "opt"])
 def test_packed_samples_compute_exactly_what_each_computes_alone(bridge, decoder, attention):
     """Three samples, each with its own image, in one row (one of them packed turns): every

@@ -11,9 +11,9 @@ import webdataset as wds
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+from vlm.data.loader import make_loader, task_examples
+from vlm.data.transforms import image_transform
 
-from data.loader import make_loader, task_examples
-from data.transforms import image_transform
 from vlm import ConfigError, build_model
 from vlm.processor import Processor
 

@@ -8,9 +8,8 @@ import pytest
 import tiny
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-
-from train.recipe import load_recipe
-from train.trainer import train
+from vlm.train.recipe import load_recipe
+from vlm.train.trainer import train
 
 RECIPES = Path(__file__).parent.parent / "train" / "recipes"
 TINY_BRIDGES = {
@@ -66,7 +65,7 @@ def overrides(name, base, shapes_dir, out, tiny_clip):
 
 def run_recipe(name, base, shapes_dir, out, tiny_clip, monkeypatch, extra=()):
     captured = {}
-    import train.trainer as trainer
+    import vlm.train.trainer as trainer
 
     real_export = trainer.export
 
@@ -88,7 +87,8 @@ def state(module):
 
 @pytest.mark.parametrize("name", ["llava_stage1", "blip2", "flamingo"])
 def test_frozen_base_recipes_train_only_the_bridge(name, base, shapes_dir, tmp_path, tiny_clip, monkeypatch):
-    from train.trainer import bind_tokenizer, load_tokenizer
+    from vlm.train.trainer import bind_tokenizer, load_tokenizer
+
     from vlm import build_model
 
     recipe, summary, model = run_recipe(name, base, shapes_dir, tmp_path / name, tiny_clip, monkeypatch)

@@ -9,9 +9,8 @@ from collections import Counter
 import pytest
 from PIL import Image
 from transformers import AutoTokenizer
-
-from data import shapes
-from data.writers import encode_png
+from vlm.data import shapes
+from vlm.data.writers import encode_png
 
 SPLITS = ("train", "val", "test")
 
@@ -311,7 +310,7 @@ def test_write_shapes_is_idempotent_and_rebuilds_on_new_arguments(tmp_path):
 
 
 def test_evaluation_groups_name_held_out_pairs():
-    from data.shapes import combination
+    from vlm.data.shapes import combination
 
     held = {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "triangle"}]}
     seen = {"objects": [{"color": "red", "shape": "circle"}]}

@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 import torch
+import vlm.train.checkpoint as checkpoint_module
 from test_data_pipeline import write_tar
+from vlm.train.checkpoint import CheckpointError, checkpoints, load_checkpoint
+from vlm.train.logs import read_log
+from vlm.train.recipe import load_recipe, recipe_from_dict
+from vlm.train.trainer import TrainingError, build_training_model, load_tokenizer, train
 
-import train.checkpoint as checkpoint_module
-from train.checkpoint import CheckpointError, checkpoints, load_checkpoint
-from train.logs import read_log
-from train.recipe import load_recipe, recipe_from_dict
-from train.trainer import TrainingError, build_training_model, load_tokenizer, train
 from vlm import ConfigError
 from vlm.model import VisionLanguageModel
 
@@ -83,11 +83,11 @@ def test_resume_continues_exactly(shapes_dir, tmp_path, monkeypatch, packing):
             raise KeyboardInterrupt("simulated kill")
         return path
 
-    monkeypatch.setattr("train.trainer.save_checkpoint", crash_after_step_10)
+    monkeypatch.setattr("vlm.train.trainer.save_checkpoint", crash_after_step_10)
     with pytest.raises(KeyboardInterrupt):
         train(recipe(interrupted, grad_accum=2), progress=False)
     assert len(losses(interrupted)) == 10
-    monkeypatch.setattr("train.trainer.save_checkpoint", real_save)
+    monkeypatch.setattr("vlm.train.trainer.save_checkpoint", real_save)
     summary = train(recipe(interrupted, grad_accum=2), resume=True, progress=False)
 
     assert summary["steps"] == 20

@@ -7,9 +7,8 @@ import tarfile
 
 import pytest
 from PIL import Image
-
-from data.pipeline import ImageTextShards
-from data.writers import from_coco_captions, from_image_folder, from_vqa, write_shards
+from vlm.data.pipeline import ImageTextShards
+from vlm.data.writers import from_coco_captions, from_image_folder, from_vqa, write_shards
 
 
 def make_images(folder, n):

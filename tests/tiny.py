@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+import xattn_bridge  # noqa: F401  (registers the test-only "test_xattn" bridge)
 
 from vlm import (
     CLIPConfig,
@@ -91,7 +92,9 @@ BRIDGES = {
         mlp_ratio=2.0,
         xattn_mlp_ratio=2.0,
     ),
+    "test_xattn": xattn_bridge.GatedXAttnConfig(),
 }
+CROSS_ATTENTION_BRIDGES = ("perceiver", "test_xattn")
 
 TINY_CLIP = "vlm-tiny-ViT"
 _TINY_CLIP_CFG = {
@@ -117,10 +120,20 @@ def vit_config(**overrides) -> ViTConfig:
     return ViTConfig(**{**base, **overrides})
 
 
+ENCODERS = {"vit": vit_config, "clip": lambda **overrides: CLIPConfig(model=TINY_CLIP, **overrides)}
+
+
 def encoder_config(name: str, **overrides):
-    if name == "vit":
-        return vit_config(**overrides)
-    return CLIPConfig(model=TINY_CLIP, **overrides)
+    return ENCODERS[name](**overrides)
+
+
+def open_gates(model, value: float = 1.0) -> None:
+    """Sets every tanh gate of a cross-attention bridge (zero at init) to ``value``, so that
+    the images really steer the text."""
+    with torch.no_grad():
+        for name, p in model.bridge.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("gate", "attn_gate", "mlp_gate"):
+                p.fill_(value)
 
 
 def model_config(encoder="vit", bridge="mlp2x_gelu", decoder="gpt2", **decoder_overrides) -> ModelConfig:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from tqdm import tqdm
+from vlm.data.pipeline import ImageTextShards, expand_shards
+from vlm.data.transforms import encoder_transform
 
-from data.pipeline import ImageTextShards, expand_shards
-from data.transforms import encoder_transform
 from vlm.config import ConfigError
 from vlm.model import VisionLanguageModel
 

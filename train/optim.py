@@ -6,8 +6,7 @@ import math
 
 import torch
 from torch import nn
-
-from train.recipe import OptimConfig
+from vlm.train.recipe import OptimConfig
 
 
 def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:

@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+from vlm.data.loader import make_loader
+from vlm.data.pipeline import BadDataError
+from vlm.data.transforms import encoder_transform
+from vlm.train.checkpoint import checkpoints, gather_model_state, is_sharded, load_checkpoint, save_checkpoint
+from vlm.train.distributed import Dist, all_reduce_sum, cleanup, init_distributed, wrap_model
+from vlm.train.feature_cache import build_feature_cache
+from vlm.train.logs import RunLog, plot_loss
+from vlm.train.optim import make_optimizer, make_scheduler
+from vlm.train.recipe import Recipe
 
-from data.loader import make_loader
-from data.pipeline import BadDataError
-from data.transforms import encoder_transform
-from train.checkpoint import checkpoints, gather_model_state, is_sharded, load_checkpoint, save_checkpoint
-from train.distributed import Dist, all_reduce_sum, cleanup, init_distributed, wrap_model
-from train.feature_cache import build_feature_cache
-from train.logs import RunLog, plot_loss
-from train.optim import make_optimizer, make_scheduler
-from train.recipe import Recipe
 from vlm import hub
 from vlm.config import ConfigError, ModelConfig
 from vlm.hub import bridge_only_problems, load_weights, save_pretrained
@@ -123,7 +123,7 @@ def prepare_data(recipe: Recipe, env: Dist) -> None:
     if not recipe.data.shapes:
         return
     if env.is_main:
-        from data.shapes import write_shapes
+        from vlm.data.shapes import write_shapes
 
         write_shapes(recipe.data.shapes, seed=recipe.run.seed, image_size=recipe.data.shapes_image_size)
     if env.enabled:

@@ -18,19 +18,19 @@ from vlm.config import ConfigError
 def _recipes() -> Path:
     from importlib.resources import files
 
-    return Path(str(files("train") / "recipes"))  # the shipped recipes, installed or not
+    return Path(str(files("vlm.train") / "recipes"))  # the shipped recipes, installed or not
 
 
 def _demo(args: argparse.Namespace) -> int:
     """Shapes data -> the shapes recipe -> evaluation on the held-out test split."""
     import time
 
-    from data.shapes import combination
-    from eval.evaluate import evaluate
-    from eval.gallery import write_gallery
-    from eval.predict import Predictor
-    from train.recipe import load_recipe
-    from train.trainer import train
+    from vlm.data.shapes import combination
+    from vlm.eval.evaluate import evaluate
+    from vlm.eval.gallery import write_gallery
+    from vlm.eval.predict import Predictor
+    from vlm.train.recipe import load_recipe
+    from vlm.train.trainer import train
 
     out = Path(args.out)
     recipe = load_recipe(args.recipe, [f"run.out={json.dumps(str(out / 'train'))}", *args.set])
@@ -93,7 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from data import commands
+    from vlm.data import commands
 
     if args.data_command == "check":
         report = commands.check(args.shards, as_json=args.json, max_pixels=args.max_pixels)
@@ -111,7 +111,7 @@ def _data(args: argparse.Namespace) -> int:
             num_shards=args.num_shards,
         )
         return 0
-    from data.shapes import write_shapes
+    from vlm.data.shapes import write_shapes
 
     manifest = write_shapes(
         args.out, seed=args.seed, train=args.train, val=args.val, test=args.test, image_size=args.image_size
@@ -121,8 +121,8 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from train.recipe import load_recipe
-    from train.trainer import TrainingError, train
+    from vlm.train.recipe import load_recipe
+    from vlm.train.trainer import TrainingError, train
 
     overrides = list(args.set)
     if args.max_steps is not None:
@@ -148,7 +148,7 @@ def _train(args: argparse.Namespace) -> int:
 def _finish(command: str, done: int, what: str, stats) -> int:
     """Reports what was skipped and picks the exit code: 0 when every input was read, 1 when
     some were skipped, 2 when nothing could be read."""
-    from eval.predict import InputError
+    from vlm.eval.predict import InputError
 
     skipped, reasons = sum(stats.skipped.values()), stats.skipped_counts()
     if not done:
@@ -162,8 +162,8 @@ def _finish(command: str, done: int, what: str, stats) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from data.decode import DecodeStats
-    from eval.predict import Predictor, batched, check_model_dir, plan_inputs, read_sources
+    from vlm.data.decode import DecodeStats
+    from vlm.eval.predict import Predictor, batched, check_model_dir, plan_inputs, read_sources
     from vlm.generate import GenerationConfig
 
     check_model_dir(args.model)
@@ -198,13 +198,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from eval.evaluate import evaluate, score_file
+    from vlm.eval.evaluate import evaluate, score_file
 
     if args.predictions:
         metrics = score_file(args.predictions, args.task, args.out)
         code = 0
     elif args.model and args.data:
-        from eval.predict import check_model_dir
+        from vlm.eval.predict import check_model_dir
 
         check_model_dir(args.model)
         run = evaluate(args.model, args.data, args.task, args.out, limit=args.limit, device=args.device)
@@ -233,20 +233,20 @@ def _save(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     """vlm against transformers' LLaVA / BLIP-2 / IDEFICS on the same weights (eval/bench.py)."""
     if args.options:
-        from eval.bench_options import run as run_options
+        from vlm.eval.bench_options import run as run_options
 
         path = run_options(out=args.out)
         print(path.with_suffix(".md").read_text())
         print(f"wrote {path} and {path.with_suffix('.md')}")
         return 0
     if args.convert:
-        from eval.bench_convert import run as run_convert
+        from vlm.eval.bench_convert import run as run_convert
 
         path = run_convert(out=args.out)
         print(path.read_text())
         print(f"wrote {path}")
         return 0
-    from eval.bench import run
+    from vlm.eval.bench import run
 
     _, path = run(args.models, size=args.size, device=args.device, out=args.out, iters=args.iters)
     print(path.with_suffix(".md").read_text())

@@ -138,6 +138,7 @@ class _Steps:
         """Keeps rows ``rows`` (beam search), in that order."""
         self.input_ids, self.mask = self.input_ids[rows], self.mask[rows]
         self.row_images = [self.row_images[r] for r in rows.tolist()]
+        self.model.bridge.select_rows(rows)
         if self.past is not None:
             self.past.reorder_cache(rows)
 
@@ -216,8 +217,7 @@ def generate(
         return _sample(model, input_ids, attention_mask, pixel_values, config)
     finally:
         model.train(was_training)
-        if model.bridge.cross_attention:
-            model.bridge.set_media(None)
+        model.bridge.release()
 
 
 def _sample(model, input_ids, attention_mask, pixel_values, config: GenerationConfig) -> Tensor:
@@ -254,8 +254,6 @@ def _beam_search(model, input_ids, attention_mask, pixel_values, config: Generat
     logits = steps.first()  # images are encoded once per prompt, then rows are repeated
     rows = torch.arange(B, device=device).repeat_interleave(K)
     steps.reorder(rows)
-    if model.bridge.cross_attention:
-        model.bridge.repeat_media(K)
     logits = logits[rows]
     scores = [[0.0] + [float("-inf")] * (K - 1) for _ in range(B)]  # identical beams: expand one
     beams: list[list[int]] = [[] for _ in range(B * K)]

@@ -56,8 +56,7 @@ class VisionLanguageModel(nn.Module):
             if hasattr(lm_type, "is_activation_checkpointing")
             else "is_gradient_checkpointing"
         )
-        if bridge.cross_attention:
-            bridge.attach(decoder.layers())
+        bridge.attach(decoder)
         self.train()  # puts a frozen encoder in eval mode from the start
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -140,8 +139,8 @@ class VisionLanguageModel(nn.Module):
                 dtype=embeds.dtype,
             )
         out = self.decoder(embeds, attention_mask=mask, use_cache=False, **extra)
-        if self.bridge.cross_attention and not self._recompute_needs_media():
-            self.bridge.set_media(None)
+        if not self._recompute_needs_images():
+            self.bridge.release()
         loss = None
         if keep is not None:
             loss = F.cross_entropy(
@@ -165,34 +164,29 @@ class VisionLanguageModel(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The LM's input embeddings for ``input_ids`` with the images in place.
 
-        Prefix bridges put the visual tokens at the placeholders; cross-attention bridges
-        attach the images to the LM (``bridge.set_media``) until the next call.
-        Returns the embeddings and the placeholder mask.
+        The bridge conditions the LM on the images (``Bridge.condition``: prefix bridges put
+        their tokens at the placeholders; cross-attention bridges keep the images for the LM
+        calls until ``bridge.release()``). Returns the embeddings and the placeholder mask.
         """
         is_image = input_ids == self.image_token_id
         embeds = self.decoder.embed(input_ids)
         if image_attention_mask is not None:
             if image_index is not None:
                 raise ValueError("image_index does not combine with image_attention_mask")
-            self._set_media_from_mask(pixel_values, image_features, image_attention_mask)
-            return embeds, is_image
+            visual = self._visual_per_row(pixel_values, image_features, image_attention_mask)
+            return self.bridge.condition_from_mask(embeds, visual, image_attention_mask), is_image
         if image_features is None and pixel_values is not None:
             image_features = self.encode_pixels(pixel_values)
         visual = self._bridge(image_features) if image_features is not None else None
         if visual is not None and image_index is not None:
             visual = visual[image_index]  # encoded once, placed wherever the image appears
         self._check_image_count(is_image, visual)
-        if self.bridge.cross_attention:
-            self.bridge.set_media(visual, is_image, sample_ids)
-        elif visual is not None:
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
-        return embeds, is_image
+        return self.bridge.condition(embeds, visual, is_image, sample_ids), is_image
 
-    def _set_media_from_mask(
+    def _visual_per_row(
         self, pixel_values: Tensor | None, image_features: Tensor | None, image_attention_mask: Tensor
-    ) -> None:
-        if not self.bridge.cross_attention:
-            raise ValueError("image_attention_mask is for cross-attention (Flamingo / IDEFICS) bridges")
+    ) -> Tensor:
+        """The bridge's output ``(B, n_img, ...)`` for IDEFICS-style inputs."""
         rows, n_img = image_attention_mask.shape[0], image_attention_mask.shape[-1]
         if image_features is None:
             if pixel_values is None or pixel_values.ndim != 5 or pixel_values.shape[:2] != (rows, n_img):
@@ -203,12 +197,12 @@ class VisionLanguageModel(nn.Module):
             image_features = self.encode_pixels(pixel_values.flatten(0, 1))
         elif image_features.shape[0] != rows * n_img:
             raise ValueError(f"with image_attention_mask, pass image_features for {rows} x {n_img} images")
-        latents = self._bridge(image_features)
-        self.bridge.set_media_from_mask(latents.view(rows, n_img, *latents.shape[1:]), image_attention_mask)
+        visual = self._bridge(image_features)
+        return visual.view(rows, n_img, *visual.shape[1:])
 
-    def _recompute_needs_media(self) -> bool:
-        """Gradient checkpointing re-runs LM layers (and their cross-attention hooks) during
-        backward, so the media must stay attached until then; the next forward replaces it."""
+    def _recompute_needs_images(self) -> bool:
+        """Gradient checkpointing re-runs LM layers (and a bridge's hooks on them) during
+        backward, so the bridge keeps the images until then; the next forward replaces them."""
         return (
             self.training
             and torch.is_grad_enabled()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from vlm.bridges.base import Bridge
+from vlm.bridges.base import PrefixBridge
 from vlm.config import ConfigError
 from vlm.registry import register_bridge
 
@@ -32,7 +32,7 @@ class ProjectorConfig:
 
 @register_bridge("linear", ProjectorConfig)
 @register_bridge("mlp2x_gelu", ProjectorConfig)
-class Projector(Bridge):
+class Projector(PrefixBridge):
     def __init__(self, config: ProjectorConfig, *, vision_dim: int, text_dim: int, text_layers: int):
         super().__init__()
         if config.merge < 1:

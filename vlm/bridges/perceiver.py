@@ -8,16 +8,14 @@ text token attends only to the latents of the most recent image at or before it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from vlm.attention import MultiHeadAttention, block_mask, use_block_masks
-from vlm.bridges.base import Bridge
+from vlm.bridges.base import CrossAttentionBridge, Media
 from vlm.config import ConfigError
-from vlm.packing import run_starts
 from vlm.registry import register_bridge
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -155,11 +153,11 @@ class GatedCrossAttentionBlock(nn.Module):
     def _attend(self, h: Tensor, media: Media) -> Tensor:
         B, n_img, M, _ = media.latents.shape
         index = media.index if media.index.shape[1] == h.shape[1] else media.index[:, -1:]
-        kv = media.kv.get(id(self))
+        kv = media.cache.get(("kv", id(self)))
         if kv is None:
             kv = self.attn.project_kv(media.latents.flatten(1, 2).to(h.dtype))
             if not torch.is_grad_enabled():  # inference: project the latents once per generation
-                media.kv[id(self)] = kv
+                media.cache["kv", id(self)] = kv
         mask = block = None
         if n_img > 1:  # only the latest image is visible; one image needs no mask at all
             latest = (index - 1).clamp(min=0)  # rows with no image yet see image 0, zeroed below
@@ -168,10 +166,10 @@ class GatedCrossAttentionBlock(nn.Module):
                 rows = torch.arange(B, device=h.device)
                 kv = tuple(t.unflatten(2, (n_img, M))[rows, :, latest[:, 0]] for t in kv)
             elif use_block_masks(h.device):
-                block = media.block_masks.get(T)
+                block = media.cache.get(("block_mask", T))
                 if block is None:  # built once per forward, shared by every gated block
                     block = block_mask(lambda b, _, q, k: latest[b, q] == k // M, B, T, n_img * M, h.device)
-                    media.block_masks[T] = block
+                    media.cache["block_mask", T] = block
             else:
                 key_image = torch.arange(n_img * M, device=h.device) // M  # (n_img*M,)
                 mask = (key_image[None, None, :] == latest[:, :, None]).unsqueeze(1)  # (B, 1, T, n_img*M)
@@ -179,25 +177,8 @@ class GatedCrossAttentionBlock(nn.Module):
         return torch.where((index > 0).unsqueeze(-1), x, torch.zeros_like(x))
 
 
-@dataclass
-class Media:
-    """The images a batch attends to.
-
-    ``latents`` ``(B, n_img, M, D)``; ``index`` ``(B, T)``: the 1-based number of the latest image
-    at or before each token (0: none yet). New tokens of a cached generation (fewer than ``T``)
-    take the last column: the latest image. ``kv`` caches each block's projected keys and values.
-    """
-
-    latents: Tensor
-    index: Tensor
-    kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    block_masks: dict[int, Any] = field(default_factory=dict)
-
-
 @register_bridge("perceiver", PerceiverConfig)
-class PerceiverBridge(Bridge):
-    cross_attention = True
-
+class PerceiverBridge(CrossAttentionBridge):
     def __init__(self, config: PerceiverConfig, *, vision_dim: int, text_dim: int, text_layers: int):
         super().__init__()
         k = config.cross_attention_interval
@@ -218,76 +199,6 @@ class PerceiverBridge(Bridge):
         self.blocks = nn.ModuleDict(
             {str(i): GatedCrossAttentionBlock(text_dim, vision_dim, config) for i in self.layer_ids}
         )
-        self._media: Media | None = None
-
-    def tokens_per_image(self, num_features: int) -> int:
-        return 1  # the <image> token marks where an image sits in the text
 
     def forward(self, features: Tensor) -> Tensor:  # (N, T, Dv) -> (N, num_latents, Dv)
         return self.resampler(features)
-
-    def attach(self, layers: nn.ModuleList) -> None:
-        """Runs the gated blocks before their LM layers (called once, by the model)."""
-        for i in self.layer_ids:
-            layers[i].register_forward_pre_hook(self._make_hook(self.blocks[str(i)]), with_kwargs=True)
-
-    def _make_hook(self, block: GatedCrossAttentionBlock):
-        def before_layer(module, args, kwargs):
-            if args:
-                return (block(args[0], self._media), *args[1:]), kwargs
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], self._media)
-            return args, kwargs
-
-        return before_layer
-
-    def set_media(
-        self, latents: Tensor | None, image_positions: Tensor | None = None, sample_ids: Tensor | None = None
-    ) -> None:
-        """What the LM attends to from now on (``None``: no images).
-
-        Args:
-            latents: ``(N_img, M, D)``, the images of the batch in reading order.
-            image_positions: ``(B, T)`` bool, True at each ``<image>`` token.
-            sample_ids: ``(B, T)`` for rows packing several samples: a token sees no image of
-                an earlier sample.
-        """
-        if latents is None:
-            self._media = None
-            return
-        counts = image_positions.sum(1)
-        n_max = max(int(counts.max()), 1)
-        media = latents.new_zeros(image_positions.shape[0], n_max, *latents.shape[1:])
-        media[torch.arange(n_max, device=counts.device)[None] < counts[:, None]] = latents
-        index = image_positions.long().cumsum(1)
-        if sample_ids is not None:  # images counted before the token's sample began are not its own
-            earlier = (index - image_positions.long()).gather(1, run_starts(sample_ids))
-            index = torch.where(index > earlier, index, 0)
-        self._media = Media(media, index)
-
-    def set_media_from_mask(self, latents: Tensor, image_attention_mask: Tensor) -> None:
-        """What the LM attends to, given as IDEFICS does.
-
-        Args:
-            latents: ``(B, n_img, M, D)``, each row's images (rows may carry padding images).
-            image_attention_mask: ``(B, T, n_img)``, 1 where a token may attend to an image. Each
-                token may see at most one image (the most recent one, as vlm's processor builds it).
-        """
-        if image_attention_mask.shape[-1] != latents.shape[1]:
-            raise ValueError(
-                f"image_attention_mask has {image_attention_mask.shape[-1]} image columns but "
-                f"{latents.shape[1]} images per row were given"
-            )
-        seen = image_attention_mask.bool()
-        if (seen.sum(-1) > 1).any():
-            raise ValueError(
-                "image_attention_mask lets a token attend to several images; vlm attends to the most "
-                "recent image only (build the mask with only the latest image per token)"
-            )
-        index = torch.where(seen.any(-1), seen.long().argmax(-1) + 1, 0)
-        self._media = Media(latents, index)
-
-    def repeat_media(self, times: int) -> None:
-        """Each row's media repeated ``times`` (beam search expands rows that way)."""
-        if self._media is not None:
-            m = self._media
-            self._media = Media(m.latents.repeat_interleave(times, 0), m.index.repeat_interleave(times, 0))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.attention import MultiHeadAttention
-from vlm.bridges.base import Bridge
+from vlm.bridges.base import PrefixBridge
 from vlm.config import ConfigError
 from vlm.registry import register_bridge
 
@@ -65,7 +65,7 @@ class QFormerLayer(nn.Module):
 
 
 @register_bridge("qformer", QFormerConfig)
-class QFormer(Bridge):
+class QFormer(PrefixBridge):
     def __init__(self, config: QFormerConfig, *, vision_dim: int, text_dim: int, text_layers: int):
         super().__init__()
         if config.hidden_size % config.num_heads:
