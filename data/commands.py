@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 from tqdm import tqdm
+
 from vlm.data.pipeline import ImageTextShards
 from vlm.data.writers import from_coco_captions, from_image_folder, from_vqa, write_shards
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
 from vlm.data.packing import PackedStream
 from vlm.data.pipeline import ImageTextShards
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
-from vlm.config import ConfigError
+from vlm.schema import ConfigError
 
 #: Fields that become one list per row: the examples' metadata, in row order.
 _PER_EXAMPLE = ("task", "key", "question", "answers", "references")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+
 from vlm.data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, BadSample, DecodeStats, decode_image
 
 log = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
+
 from vlm.data.writers import Record, encode_png, write_shards
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only tokenizer() needs it

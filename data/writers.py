@@ -21,6 +21,7 @@ from typing import Any
 
 import webdataset as wds
 from tqdm import tqdm
+
 from vlm.data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from vlm.eval.bench import SIZES, Size, build_transformers, placeholder_tokenizer
 
 #: The checkpoint measured: the ``small`` benchmark's vision tower, a wider and deeper Llama.

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from vlm.eval.bench import SIZES, device_name, make_inputs, model_pair
 from vlm.eval.bench import sync as bench_sync
-
 from vlm.generate import generate
 
 # Each variant: recipe overrides on top of the shapes recipe, and the variant it is compared with.

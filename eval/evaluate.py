@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
 from vlm.data.decode import DecodeStats
 from vlm.data.loader import task_examples
 from vlm.eval.captions import caption_metrics

@@ -11,14 +11,15 @@ from typing import Any
 
 import torch
 from PIL import Image
+
 from vlm.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeStats, decode_image
 from vlm.data.pipeline import ImageTextShards
 from vlm.data.transforms import encoder_transform
-
-from vlm.config import ConfigError
 from vlm.generate import GenerationConfig, generate
-from vlm.hub import from_pretrained, load_tokenizer
+from vlm.hub import from_pretrained
 from vlm.processor import Processor
+from vlm.schema import ConfigError
+from vlm.weights import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ import pytest
 from PIL import Image
 from test_data_pipeline import png, write_tar
 from test_train import tiny_recipe
-from vlm.eval.predict import Predictor
-from vlm.train.recipe import recipe_from_dict
-from vlm.train.trainer import train
 
 from vlm.cli import main
-from vlm.config import ConfigError
+from vlm.eval.predict import Predictor
+from vlm.schema import ConfigError
+from vlm.train.recipe import recipe_from_dict
+from vlm.train.trainer import train
 
 
 @pytest.fixture(scope="module")

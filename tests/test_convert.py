@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from vlm.eval import bench
 
 import vlm
 from vlm.cli import main
+from vlm.eval import bench
 from vlm.generate import generate
 
 TINY = bench.SIZES["tiny"]  # random weights wide enough that images move the logits visibly

@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+
 from vlm.data.decode import BadSample, decode_image
 
 

@@ -10,10 +10,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
-from vlm.data.commands import check
-from vlm.data.pipeline import ImageTextShards, expand_shards
 
 from vlm.cli import main
+from vlm.data.commands import check
+from vlm.data.pipeline import ImageTextShards, expand_shards
 
 
 def png(image: Image.Image) -> bytes:

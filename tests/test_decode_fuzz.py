@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 from PIL import Image
+
 from vlm.data.decode import DECODE_REASONS, BadSample, decode_image
 
 FORMATS = {

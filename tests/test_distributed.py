@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import losses, tiny_recipe
+
 from vlm.train.recipe import recipe_from_dict
 from vlm.train.trainer import train
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from test_distributed import toml
 from test_train import losses, tiny_recipe
+
 from vlm.train.checkpoint import checkpoints
 
 ROOT = Path(__file__).parent.parent

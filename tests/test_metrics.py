@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from vlm.eval.captions import caption_metrics, tokenize
 from vlm.eval.vqa import normalize_prediction, process_punctuation, vqa_accuracy, vqa_score
 

@@ -4,11 +4,11 @@ import pytest
 import tiny
 import torch
 from test_processor import red_square_shard, word_tokenizer
+
+from vlm import ConfigError, build_model
 from vlm.data.loader import make_loader
 from vlm.data.packing import PackedStream
 from vlm.data.transforms import image_transform
-
-from vlm import ConfigError, build_model
 from vlm.processor import Processor
 
 TURNS = [

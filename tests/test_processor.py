@@ -11,10 +11,10 @@ import webdataset as wds
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-from vlm.data.loader import make_loader, task_examples
-from vlm.data.transforms import image_transform
 
 from vlm import ConfigError, build_model
+from vlm.data.loader import make_loader, task_examples
+from vlm.data.transforms import image_transform
 from vlm.processor import Processor
 
 WORDS = (

@@ -8,6 +8,7 @@ import pytest
 import tiny
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
 from vlm.train.recipe import load_recipe
 from vlm.train.trainer import train
 
@@ -87,14 +88,13 @@ def state(module):
 
 @pytest.mark.parametrize("name", ["llava_stage1", "blip2", "flamingo"])
 def test_frozen_base_recipes_train_only_the_bridge(name, base, shapes_dir, tmp_path, tiny_clip, monkeypatch):
-    from vlm.train.trainer import bind_tokenizer, load_tokenizer
-
     from vlm import build_model
+    from vlm.train.trainer import bind_tokenizer, recipe_tokenizer
 
     recipe, summary, model = run_recipe(name, base, shapes_dir, tmp_path / name, tiny_clip, monkeypatch)
     assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"]
     torch.manual_seed(recipe.run.seed)
-    fresh = build_model(bind_tokenizer(recipe.model_config(), load_tokenizer(recipe.data.tokenizer)))
+    fresh = build_model(bind_tokenizer(recipe.model_config(), recipe_tokenizer(recipe.data.tokenizer)))
     for part in ("encoder", "decoder"):
         before, after = state(getattr(fresh, part)), state(getattr(model, part))
         assert all(torch.equal(before[k], after[k]) for k in before), f"{part} changed"

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 from transformers import AutoTokenizer
+
 from vlm.data import shapes
 from vlm.data.writers import encode_png
 

@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
-import vlm.train.checkpoint as checkpoint_module
 from test_data_pipeline import write_tar
+
+import vlm.train.checkpoint as checkpoint_module
+from vlm import ConfigError
+from vlm.model import VisionLanguageModel
 from vlm.train.checkpoint import CheckpointError, checkpoints, load_checkpoint
 from vlm.train.logs import read_log
 from vlm.train.recipe import load_recipe, recipe_from_dict
-from vlm.train.trainer import TrainingError, build_training_model, load_tokenizer, train
-
-from vlm import ConfigError
-from vlm.model import VisionLanguageModel
+from vlm.train.trainer import TrainingError, build_training_model, recipe_tokenizer, train
 
 
 def tiny_recipe(shapes_dir, out, **run):
@@ -117,7 +117,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_last_good_one(shapes_dir, tm
 
     complete = checkpoints(out)
     assert [p.name for p in complete] == ["ckpt-00000005"]
-    tokenizer = load_tokenizer(str(shapes_dir / "tokenizer"))
+    tokenizer = recipe_tokenizer(str(shapes_dir / "tokenizer"))
     model = build_training_model(recipe_from_dict(tiny_recipe(shapes_dir, out)), tokenizer)
     assert load_checkpoint(complete[0], model=model)["step"] == 5
     summary = train(recipe_from_dict(tiny_recipe(shapes_dir, out)), resume=True, progress=False)

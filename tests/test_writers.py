@@ -7,6 +7,7 @@ import tarfile
 
 import pytest
 from PIL import Image
+
 from vlm.data.pipeline import ImageTextShards
 from vlm.data.writers import from_coco_captions, from_image_folder, from_vqa, write_shards
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import webdataset as wds
 from tqdm import tqdm
+
 from vlm.data.pipeline import ImageTextShards, expand_shards
 from vlm.data.transforms import encoder_transform
-
-from vlm.config import ConfigError
 from vlm.model import VisionLanguageModel
+from vlm.schema import ConfigError
 
 MANIFEST = "cache.json"
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+
 from vlm.train.recipe import OptimConfig
 
 

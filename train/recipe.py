@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm.config import ConfigError, ModelConfig, parse_dataclass
+from vlm.config import ModelConfig
+from vlm.schema import ConfigError, parse_dataclass
 
 
 @dataclass

@@ -20,21 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from vlm.config import ModelConfig
 from vlm.data.loader import make_loader
 from vlm.data.pipeline import BadDataError
 from vlm.data.transforms import encoder_transform
+from vlm.model import IGNORE_INDEX, VisionLanguageModel, build_model
+from vlm.processor import IMAGE_TOKEN, Processor
+from vlm.schema import ConfigError
 from vlm.train.checkpoint import checkpoints, gather_model_state, is_sharded, load_checkpoint, save_checkpoint
 from vlm.train.distributed import Dist, all_reduce_sum, cleanup, init_distributed, wrap_model
 from vlm.train.feature_cache import build_feature_cache
 from vlm.train.logs import RunLog, plot_loss
 from vlm.train.optim import make_optimizer, make_scheduler
 from vlm.train.recipe import Recipe
-
-from vlm import hub
-from vlm.config import ConfigError, ModelConfig
-from vlm.hub import bridge_only_problems, load_weights, save_pretrained
-from vlm.model import IGNORE_INDEX, VisionLanguageModel, build_model
-from vlm.processor import IMAGE_TOKEN, Processor
+from vlm.weights import bridge_only_problems, load_tokenizer, load_weights, save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ class TrainingError(RuntimeError):
     """A run that cannot go on; the message says why and what was saved."""
 
 
-def load_tokenizer(path: str):
+def recipe_tokenizer(path: str):
     """The recipe's tokenizer, given an ``<image>`` token and a pad token when it lacks them."""
     if not path or not Path(path).is_dir():
         raise ConfigError(f"data.tokenizer={path!r} is not a local tokenizer directory")
-    tokenizer = hub.load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
@@ -184,7 +184,7 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         )
     micro_batch = run.batch_size // per_step
     prepare_data(recipe, env)
-    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    tokenizer = recipe_tokenizer(recipe.data.tokenizer)
     model = build_training_model(recipe, tokenizer).to(env.device)
     processor = Processor(
         tokenizer,

@@ -2,12 +2,14 @@
 
 from vlm.attention import MultiHeadAttention
 from vlm.bridges import PerceiverConfig, ProjectorConfig, QFormerConfig
-from vlm.config import ConfigError, ModelConfig
+from vlm.config import ModelConfig
 from vlm.decoders import HFDecoderConfig, LoraSettings
 from vlm.encoders import CLIPConfig, ViTConfig
-from vlm.hub import from_pretrained, save_pretrained
+from vlm.hub import from_pretrained
 from vlm.model import VisionLanguageModel, build_model
 from vlm.registry import register_bridge, register_decoder, register_encoder
+from vlm.schema import ConfigError
+from vlm.weights import save_pretrained
 
 __version__ = "0.1.0"
 

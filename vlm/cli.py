@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from vlm.config import ConfigError
+from vlm.schema import ConfigError
 
 
 def _recipes() -> Path:
@@ -220,7 +220,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _save(args: argparse.Namespace) -> int:
     """Loads a model (a vlm directory, or a transformers LLaVA / BLIP-2 / IDEFICS one, converted)
     and writes it in vlm's format, with the tokenizer when the source has one."""
-    from vlm.hub import from_pretrained, load_tokenizer, save_pretrained
+    from vlm.hub import from_pretrained
+    from vlm.weights import load_tokenizer, save_pretrained
 
     source = Path(args.model)
     model = from_pretrained(source, dtype=args.dtype)

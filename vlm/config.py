@@ -1,58 +1,21 @@
-"""Configs: nested dataclasses, one per part, serialised to JSON next to the weights.
+"""``ModelConfig``: the whole model as nested dataclasses, one per part, serialised to JSON next
+to the weights.
 
-Each part (encoder, bridge, decoder) has its own dataclass; its ``name`` picks the
-registry entry that builds it (see ``vlm.registry``).
+Each part (encoder, bridge, decoder) has its own dataclass; its ``name`` picks the registry
+entry that builds it (see ``vlm.registry``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration vlm cannot build; the message says how to fix it."""
-
-
-def _unwrap_optional(hint: Any) -> Any:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return hint
-
-
-def parse_dataclass(cls: type, data: dict[str, Any], *, where: str) -> Any:
-    """Builds dataclass ``cls`` from a plain dict, recursing into nested dataclasses.
-
-    Unknown keys fail fast with the key's name and the keys that exist.
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys are: {', '.join(known)}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        hint = _unwrap_optional(hints[key])
-        if isinstance(value, dict) and dataclasses.is_dataclass(hint):
-            value = parse_dataclass(hint, value, where=f"{where}.{key}")
-        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a (nested) dataclass config."""
-    return dataclasses.asdict(config)
+import vlm.bridges  # noqa: F401  (fills the registries that parse the parts)
+import vlm.decoders  # noqa: F401
+import vlm.encoders  # noqa: F401
+from vlm.registry import BRIDGES, DECODERS, ENCODERS
+from vlm.schema import ConfigError, to_dict
 
 
 @dataclass
@@ -75,9 +38,6 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        # Imported here: the registries import this module for ConfigError and parsing.
-        from vlm.registry import BRIDGES, DECODERS, ENCODERS
-
         missing = [k for k in ("encoder", "bridge", "decoder") if k not in data]
         if missing:
             raise ConfigError(f"model config lacks {', '.join(missing)}; each needs a 'name'")

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from vlm.config import ConfigError
+from vlm.schema import ConfigError
 
 REWRITE = "copy it again, or write the directory again with model.save_pretrained(DIR)"
 

@@ -12,12 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import vlm.bridges  # noqa: F401  (fills the registries)
-import vlm.decoders  # noqa: F401
-import vlm.encoders  # noqa: F401
 from vlm.config import ModelConfig
 from vlm.packing import packed_mask
 from vlm.registry import BRIDGES, DECODERS, ENCODERS
+from vlm.weights import save_pretrained
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss
 
@@ -228,18 +226,10 @@ class VisionLanguageModel(nn.Module):
                 f"{self.tokens_per_image} placeholder(s) in the text where each image goes"
             )
 
-    def save_pretrained(self, path: str | Path, *, bridge_only: bool = False) -> None:
-        """Writes ``config.json`` and the weights; see :func:`vlm.hub.save_pretrained`."""
-        from vlm.hub import save_pretrained
-
-        save_pretrained(self, path, bridge_only=bridge_only)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> VisionLanguageModel:
-        """Loads a directory written by :meth:`save_pretrained`."""
-        from vlm.hub import from_pretrained
-
-        return from_pretrained(path)
+    def save_pretrained(self, path: str | Path, *, bridge_only: bool = False, tokenizer: Any = None) -> None:
+        """Writes ``config.json`` and the weights; see :func:`vlm.weights.save_pretrained`. (Loading
+        is :func:`vlm.from_pretrained`, which also reads transformers' formats.)"""
+        save_pretrained(self, path, bridge_only=bridge_only, tokenizer=tokenizer)
 
 
 def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -261,7 +251,7 @@ def build_model(config: ModelConfig | dict[str, Any], *, empty: bool = False) ->
     """Builds the model a config describes (a ``ModelConfig`` or its dict form).
 
     ``empty``: parameters on the meta device (no memory, no random initialisation), for a
-    checkpoint's tensors to become them (``vlm.hub.load_covering(..., assign=True)``). An encoder
+    checkpoint's tensors to become them (``vlm.weights.load_covering(..., assign=True)``). An encoder
     that cannot be built so (``builds_empty = False``) is built as usual.
     """
     if isinstance(config, dict):

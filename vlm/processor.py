@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from vlm.config import ConfigError
 from vlm.model import IGNORE_INDEX
+from vlm.schema import ConfigError
 
 IMAGE_TOKEN = "<image>"
 

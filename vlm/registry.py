@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vlm.config import ConfigError, parse_dataclass
+from vlm.schema import ConfigError, parse_dataclass
 
 
 class Registry:

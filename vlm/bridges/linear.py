@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from vlm.bridges.base import PrefixBridge
-from vlm.config import ConfigError
 from vlm.registry import register_bridge
+from vlm.schema import ConfigError
 
 
 @dataclass

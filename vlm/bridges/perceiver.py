@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from vlm.attention import MultiHeadAttention, block_mask, use_block_masks
 from vlm.bridges.base import CrossAttentionBridge, Media
-from vlm.config import ConfigError
 from vlm.registry import register_bridge
+from vlm.schema import ConfigError
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 

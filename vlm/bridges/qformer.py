@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from vlm.attention import MultiHeadAttention
 from vlm.bridges.base import PrefixBridge
-from vlm.config import ConfigError
 from vlm.registry import register_bridge
+from vlm.schema import ConfigError
 
 
 @dataclass

@@ -5,28 +5,7 @@ A directory saved by transformers for one of the architectures below loads with
 Adding a format is one module with a ``@register_converter(...)`` function plus its import here.
 """
 
-from __future__ import annotations
+from vlm.convert import blip2, idefics, llava  # noqa: F401  (registration)
+from vlm.convert.registry import CONVERTERS, register_converter, supported
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-CONVERTERS: dict[str, Callable[[Path, Any], Any]] = {}
-
-
-def register_converter(*architectures: str):
-    """Registers ``fn(path, hf_config) -> VisionLanguageModel`` for transformers ``architectures``."""
-
-    def register(fn):
-        for name in architectures:
-            CONVERTERS[name] = fn
-        return fn
-
-    return register
-
-
-def supported() -> list[str]:
-    return sorted(CONVERTERS)
-
-
-from vlm.convert import blip2, idefics, llava  # noqa: E402,F401  (registration)
+__all__ = ["CONVERTERS", "register_converter", "supported"]

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from vlm.bridges.qformer import QFormerConfig
-from vlm.config import ConfigError, ModelConfig
-from vlm.convert import register_converter
+from vlm.config import ModelConfig
 from vlm.convert.common import (
     finish,
     fuse,
@@ -20,8 +19,10 @@ from vlm.convert.common import (
     vit_config,
     vit_state,
 )
+from vlm.convert.registry import register_converter
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
+from vlm.schema import ConfigError
 
 LANGUAGE = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
 

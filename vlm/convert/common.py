@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlm.config import ConfigError
 from vlm.encoders.base import CLIP_MEAN, CLIP_STD
 from vlm.encoders.vit import ViTConfig
 from vlm.files import read_json, read_safetensors
 from vlm.model import VisionLanguageModel
+from vlm.schema import ConfigError
+from vlm.weights import finish_assigned, load_covering, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,6 @@ def select(weights: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Te
 
 def finish(model: VisionLanguageModel, weights: Checkpoint) -> VisionLanguageModel:
     """After every part is loaded: no parameter left empty, and the checkpoint's leftovers named."""
-    from vlm.hub import finish_assigned
-
     finish_assigned(model)
     weights.warn_unused()
     return model
@@ -86,8 +85,6 @@ def finish(model: VisionLanguageModel, weights: Checkpoint) -> VisionLanguageMod
 def load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
     """Loads ``state`` into ``module`` (its tensors become the parameters); every parameter must
     be covered (a tied weight under either of its names) and every tensor used."""
-    from vlm.hub import load_covering
-
     missing, unexpected = load_covering(module, state, assign=True)
     if missing or unexpected:
         raise ConfigError(
@@ -172,8 +169,6 @@ def fuse(w: dict[str, Tensor], parts: list[str], into: str) -> None:
 
 def image_token_from_tokenizer(path: Path, token: str = "<image>") -> int:
     """The id of ``token`` in the tokenizer saved beside a checkpoint."""
-    from vlm.hub import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(path)
     except ConfigError as err:

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from vlm.bridges.perceiver import PerceiverConfig
-from vlm.config import ConfigError, ModelConfig
-from vlm.convert import register_converter
+from vlm.config import ModelConfig
 from vlm.convert.common import (
     finish,
     fuse,
@@ -27,8 +26,10 @@ from vlm.convert.common import (
     vit_config,
     vit_state,
 )
+from vlm.convert.registry import register_converter
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
+from vlm.schema import ConfigError
 
 
 @register_converter("IdeficsForVisionText2Text")

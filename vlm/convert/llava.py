@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from vlm.bridges.linear import ProjectorConfig
-from vlm.config import ConfigError, ModelConfig
-from vlm.convert import register_converter
+from vlm.config import ModelConfig
 from vlm.convert.common import finish, load_exact, read_weights, select, vit_config, vit_state
+from vlm.convert.registry import register_converter
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
+from vlm.schema import ConfigError
 
 # Current transformers names first, then those of checkpoints saved before transformers 4.52.
 VISION = {"model.vision_tower.": "", "vision_tower.vision_model.": "", "vision_tower.": ""}

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlm.config import ConfigError
 from vlm.registry import register_decoder
+from vlm.schema import ConfigError
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from vlm.config import ConfigError
+from vlm.schema import ConfigError
 
 # OpenAI CLIP normalisation, the default for towers trained like it.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vlm.config import ConfigError
 from vlm.encoders.base import ImageEncoder, resolve_layer
 from vlm.registry import register_encoder
+from vlm.schema import ConfigError
 
 
 @dataclass

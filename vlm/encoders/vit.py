@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.attention import MultiHeadAttention
-from vlm.config import ConfigError
 from vlm.encoders.base import CLIP_MEAN, CLIP_STD, ImageEncoder, resolve_layer
 from vlm.registry import register_encoder
+from vlm.schema import ConfigError
 
 
 @dataclass
