@@ -25,14 +25,13 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from vlm.data.writers import Record, encode_png, write_shards
-
-if TYPE_CHECKING:  # transformers takes seconds to import: only tokenizer() needs it
-    from transformers import PreTrainedTokenizerFast
 
 #: Bump when the images or texts change, so ``write_shapes`` rebuilds existing shard sets.
 VERSION = 1
@@ -189,9 +188,6 @@ def tokenizer() -> PreTrainedTokenizerFast:
     training pipeline places ``<bos>`` / ``<eos>`` itself); ``decode(ids, skip_special_tokens=True)``
     gives back the original text.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + vocabulary())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(

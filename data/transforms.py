@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-RESIZE_MODES = ("crop", "pad")
+from vlm.config import RESIZE_MODES
 
 
 class PadToSquare(torch.nn.Module):

@@ -1,7 +1,8 @@
 """``vlm bench``: vlm against transformers' own LLaVA, BLIP-2 and IDEFICS, same weights, one process.
 
-Each model is built once by transformers with random weights, saved, and loaded by vlm through
-its converter (:mod:`vlm.convert`), so both sides compute with identical weights. Before any
+Each registered format (:data:`vlm.convert.FORMATS`) builds transformers' model with random
+weights, saves it, and vlm loads it through the format's converter, so both sides compute with
+identical weights. Before any
 timing, both must give the same logits and the same loss (the correctness guard). Then, with
 measurements interleaved so that drift hits both sides alike:
 
@@ -17,50 +18,24 @@ transformers' peak over vlm's.
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 import vlm
+from vlm.convert import FORMATS, IMAGE_TOKEN_ID, Size
+from vlm.eval.bench_common import device_name, pick_device, race, write_report
 from vlm.generate import generate
 
-MODELS = ("llava", "blip2", "idefics")
-IMAGE_TOKEN = "<image>"
-
-
-@dataclass(frozen=True)
-class Size:
-    """The shapes of one benchmark: a CLIP-like tower, a Llama / OPT decoder, the batch."""
-
-    image: int
-    patch: int
-    vision_width: int
-    vision_depth: int
-    vision_heads: int
-    text_width: int
-    text_depth: int
-    text_heads: int
-    text_kv_heads: int
-    text_ffn: int
-    vocab: int
-    queries: int  # BLIP-2 queries / IDEFICS latents
-    connector_depth: int  # Q-Former / resampler layers
-    train_batch: int
-    prompt: int  # text tokens before the answer
-    answer: int  # labelled tokens
-    gen_tokens: int
-    dtype: str = "float32"
-    init_range: float = 0.02
-
+MODELS = tuple(FORMATS)  # every registered checkpoint format
 
 SIZES = {
     # A few seconds: the tests' size.
@@ -72,126 +47,11 @@ SIZES = {
 }
 
 
-# --- the transformers models -------------------------------------------------------------------
-
-
-def _vision(size: Size, **extra: Any) -> dict[str, Any]:
-    return dict(
-        hidden_size=size.vision_width,
-        intermediate_size=4 * size.vision_width,
-        num_hidden_layers=size.vision_depth,
-        num_attention_heads=size.vision_heads,
-        image_size=size.image,
-        patch_size=size.patch,
-        **extra,
-    )
-
-
-def _llama(size: Size) -> dict[str, Any]:
-    return dict(
-        hidden_size=size.text_width,
-        intermediate_size=size.text_ffn,
-        num_hidden_layers=size.text_depth,
-        num_attention_heads=size.text_heads,
-        num_key_value_heads=size.text_kv_heads,
-        vocab_size=size.vocab,
-        initializer_range=size.init_range,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-
-
-def build_transformers(name: str, size: Size, image_token_id: int) -> nn.Module:
-    """transformers' own model ``name`` at ``size``, randomly initialised."""
-    import transformers as tf
-
-    if name == "llava":
-        config = tf.LlavaConfig(
-            vision_config=tf.CLIPVisionConfig(**_vision(size, initializer_factor=size.init_range / 0.02)),
-            text_config=tf.LlamaConfig(**_llama(size)),
-            image_token_id=image_token_id,
-            initializer_range=size.init_range,
-        )
-        return tf.LlavaForConditionalGeneration(config)
-    if name == "blip2":
-        opt = tf.OPTConfig(
-            hidden_size=size.text_width,
-            ffn_dim=size.text_ffn,
-            num_hidden_layers=size.text_depth,
-            num_attention_heads=size.text_heads,
-            vocab_size=size.vocab,
-            word_embed_proj_dim=size.text_width,
-            init_std=size.init_range,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        config = tf.Blip2Config(
-            vision_config=_vision(size, initializer_range=size.init_range),
-            qformer_config=dict(
-                hidden_size=size.vision_width,
-                intermediate_size=4 * size.vision_width,
-                num_hidden_layers=size.connector_depth,
-                num_attention_heads=size.vision_heads,
-                encoder_hidden_size=size.vision_width,
-                initializer_range=size.init_range,
-            ),
-            text_config=opt.to_dict(),
-            num_query_tokens=size.queries,
-            image_token_index=image_token_id,
-            initializer_range=size.init_range,
-        )
-        model = tf.Blip2ForConditionalGeneration(config)
-        with torch.no_grad():  # transformers starts the queries at zero: make them distinct
-            model.query_tokens.normal_(0, 1)
-        return model
-    if name == "idefics":
-        vision = _vision(size)
-        vision["embed_dim"] = vision.pop("hidden_size")
-        llama = _llama(size)
-        config = tf.IdeficsConfig(
-            **{k: v for k, v in llama.items() if k != "num_key_value_heads"},
-            cross_layer_interval=max(size.text_depth // 4, 1),
-            use_resampler=True,
-            alpha_initializer="ones",  # open gates: the images reach the text
-            vision_config=vision,
-            perceiver_config=dict(
-                resampler_n_latents=size.queries,
-                resampler_depth=size.connector_depth,
-                resampler_n_heads=size.vision_heads,
-                resampler_head_dim=size.vision_width // size.vision_heads,
-            ),
-        )
-        return tf.IdeficsForVisionText2Text(config)
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-
-
-def placeholder_tokenizer(vocab: int):
-    """A word-level tokenizer of ``vocab`` tokens with ``<image>`` at id 4 (IDEFICS checkpoints
-    carry their tokenizer, which names the image token)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN] + [f"w{i}" for i in range(vocab - 5)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=[IMAGE_TOKEN],
-    )
-
-
 def model_pair(name: str, size: Size, directory: Path) -> tuple[nn.Module, vlm.VisionLanguageModel, int]:
-    """transformers' model and vlm's conversion of its saved checkpoint, in float32 on the CPU."""
-    image_token_id = 4
-    hf_model = build_transformers(name, size, image_token_id)
-    hf_model.save_pretrained(directory)
-    placeholder_tokenizer(size.vocab).save_pretrained(directory)
-    return hf_model, vlm.from_pretrained(directory), image_token_id
+    """transformers' model (built by the format's reference builder) and vlm's conversion of its
+    saved checkpoint, in float32 on the CPU."""
+    hf_model = FORMATS[name].save_reference(size, directory, image_token_id=IMAGE_TOKEN_ID)
+    return hf_model, vlm.from_pretrained(directory), IMAGE_TOKEN_ID
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -218,11 +78,7 @@ def make_inputs(
     mask = torch.ones_like(ids)
     labels = ids.masked_fill(torch.arange(ids.shape[1]) < ids.shape[1] - answer, -100)
     ours = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-    hf = dict(ours)
-    if name == "idefics":  # one image per row, seen from its <image> token on
-        hf["pixel_values"] = pixels[:, None]
-        hf["image_attention_mask"] = (ids == model.image_token_id).long().cumsum(1)[..., None]
-    return Inputs(hf, ours, labels)
+    return Inputs(FORMATS[name].hf_inputs(ours, model.image_token_id), ours, labels)
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -232,42 +88,11 @@ def set_trainable(name: str, model: nn.Module, which: str, *, ours: bool) -> lis
     """Makes the connector (``which="connector"``) or everything (``"full"``) trainable."""
     model.requires_grad_(which == "full")
     if which == "connector":
-        if ours:
-            connector = [model.bridge]
-        else:
-            owner = getattr(model, "model", model)
-            parts = {
-                "llava": ["multi_modal_projector"],
-                "blip2": ["qformer", "language_projection"],
-                "idefics": ["perceiver_resampler", "gated_cross_attn_layers"],
-            }[name]
-            connector = [getattr(owner, p) if hasattr(owner, p) else getattr(model, p) for p in parts]
-            if name == "blip2":
-                model.query_tokens.requires_grad_(True)
-        for module in connector:
-            module.requires_grad_(True)
+        # vlm's bridge is the connector; transformers' model names its parts in the format.
+        connector = [model.bridge] if ours else FORMATS[name].connector_of(model)
+        for part in connector:
+            part.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def race(
-    steps: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int, iters: int
-) -> dict[str, float]:
-    """Median seconds of each callable, run interleaved (a, b, a, b, ...) after ``warmup`` rounds."""
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(warmup + iters):
-        for key, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            if i >= warmup:
-                times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _train_step(
@@ -293,8 +118,6 @@ PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 def step_flops(step: Callable[[], None]) -> int:
     """FLOPs of one call of ``step``, counted by PyTorch's ``FlopCounterMode`` (matmuls and
     attention, forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -419,28 +242,18 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
     return {"guard": guard, "rows": rows}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
-
-
 def run(
     models=MODELS, size: str = "small", device: str = "auto", out: str | Path = "eval/results", iters: int = 6
 ):
     """Runs the benchmark and writes ``bench-<device>.json`` and ``.md`` under ``out``."""
-    from tqdm import tqdm
-
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    dev = pick_device(device)
     spec = SIZES[size]
     results = {
         "device": device_name(dev),
         "size": size,
         "shapes": dataclasses.asdict(spec),
         "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        "transformers": transformers.__version__,
         "rows": [],
         "guards": {},
     }
@@ -450,12 +263,7 @@ def run(
         result = bench_model(name, spec, dev, iters=iters, progress=lambda r: bar.write(format_row(r)))
         results["rows"] += result["rows"]
         results["guards"][name] = result["guard"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench-" + results["device"].replace(" ", "-").lower()
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(results))
-    return results, out / f"{stem}.json"
+    return results, write_report(results, out, "bench", markdown)
 
 
 def format_row(row: dict[str, Any]) -> str:

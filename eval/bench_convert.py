@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from vlm.eval.bench import SIZES, Size, build_transformers, placeholder_tokenizer
+from vlm.convert import FORMATS, IMAGE_TOKEN_ID, Size
+from vlm.eval.bench import SIZES
+from vlm.eval.bench_common import device_name, pick_device, write_report
 
 #: The checkpoint measured: the ``small`` benchmark's vision tower, a wider and deeper Llama.
 SIZE = replace(SIZES["small"], text_width=1024, text_depth=12, text_heads=16, text_kv_heads=4, text_ffn=2816)
@@ -49,12 +51,10 @@ print(json.dumps({"peak_kib": high_water_kib() - before, "seconds": seconds, "dt
 """
 
 
-def write_checkpoint(path: Path, size: Size = SIZE, image_token_id: int = 4) -> int:
+def write_checkpoint(path: Path, size: Size = SIZE, image_token_id: int = IMAGE_TOKEN_ID) -> int:
     """Saves a LLaVA checkpoint in bfloat16; returns its size in bytes."""
     torch.manual_seed(0)
-    model = build_transformers("llava", size, image_token_id).to(torch.bfloat16)
-    model.save_pretrained(path)
-    placeholder_tokenizer(size.vocab).save_pretrained(path)
+    FORMATS["llava"].save_reference(size, path, image_token_id=image_token_id, dtype=torch.bfloat16)
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
@@ -67,24 +67,19 @@ def measure(path: Path) -> dict[str, Any]:
 
 
 def run(out: str | Path = "eval/results") -> Path:
-    from vlm.eval.bench import device_name
-
+    """Measures and writes ``convert-<device>.json`` under ``out``; returns its path."""
     with tempfile.TemporaryDirectory() as tmp:
         size = write_checkpoint(Path(tmp))
         result = measure(Path(tmp))
     result = {
-        "device": device_name(torch.device("cpu")),
+        "device": device_name(pick_device("cpu")),  # loading happens in the CPU's memory
         "checkpoint_bytes": size,
         "peak_bytes": result["peak_kib"] * 1024,
         "ratio": result["peak_kib"] * 1024 / size,
         "seconds": result["seconds"],
         "dtypes": result["dtypes"],
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"convert-{result['device'].replace(' ', '-').lower()}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+    return write_report(result, out, "convert")  # a single figure: no markdown table
 
 
 if __name__ == "__main__":

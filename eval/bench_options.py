@@ -2,7 +2,7 @@
 
 - Packed turns (``data.pack_turns``): one shared image prefix per sample instead of one
   sequence per example. Measured as labelled answer tokens per second of training on the shapes
-  recipe (one shard).
+  recipe (one shard), each run a ``vlm train`` process of its own (eval does not import train).
 - Packed samples (``data.pack_length``): several examples per row, each attending to itself
   only, instead of one per row padded to the batch's longest. Measured the same way, with and
   without packed turns.
@@ -14,21 +14,29 @@
 - Generation caches: tokens/s (LLaVA ``small``, batch 16, 64 new tokens) with the dynamic KV
   cache, a static one, and a static one with the new-token step compiled (``torch.compile``;
   its one-off compile time is reported apart).
+
+Timings are medians of interleaved rounds (:func:`vlm.eval.bench_common.race`).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
-import time
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlm.eval.bench import SIZES, device_name, make_inputs, model_pair
-from vlm.eval.bench import sync as bench_sync
+from vlm.data.shapes import write_shapes
+from vlm.eval.bench import SIZES, make_inputs, model_pair
+from vlm.eval.bench_common import device_name, pick_device, race, time_call, write_report
 from vlm.generate import generate
+
+# A resource of the installed package, read as a file: no import of vlm.train.
+SHAPES_RECIPE = Path(str(files("vlm.train") / "recipes" / "shapes.toml"))
 
 # Each variant: recipe overrides on top of the shapes recipe, and the variant it is compared with.
 TRAINING_VARIANTS = {
@@ -52,18 +60,27 @@ TRAINING_VARIANTS = {
 }
 
 
-def training_rows(steps: int, shapes: str) -> list[dict[str, Any]]:
+def train_run(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Trains the shapes recipe with ``overrides`` in a ``vlm train`` process writing to
+    ``run_dir``; returns the run's ``summary.json`` and the records of its ``log.jsonl``."""
+    command = [sys.executable, "-m", "vlm.cli", "train", str(SHAPES_RECIPE)]
+    for override in [f"run.out={json.dumps(str(run_dir))}", *overrides]:
+        command += ["--set", override]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}:\n{done.stderr[-4000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    with (run_dir / "log.jsonl").open() as lines:
+        return summary, [json.loads(line) for line in lines]
+
+
+def training_rows(steps: int, shapes: str, device: str | torch.device = "auto") -> list[dict[str, Any]]:
     """Answer tokens/s of short shapes-recipe runs, one per variant (same seed, same shard).
 
     Args:
         shapes: a shapes dataset directory (``vlm data shapes``).
     """
-    from importlib.resources import files
-
-    from vlm.train.recipe import load_recipe
-    from vlm.train.trainer import train
-
-    recipe_path = Path(str(files("vlm.train") / "recipes" / "shapes.toml"))
+    target = str(pick_device(device))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (overrides, _) in TRAINING_VARIANTS.items():
@@ -72,13 +89,13 @@ def training_rows(steps: int, shapes: str) -> list[dict[str, Any]]:
                 f"data.train={json.dumps(str(Path(shapes) / 'train' / 'shapes-train-000000.tar'))}",
                 f"data.tokenizer={json.dumps(str(Path(shapes) / 'tokenizer'))}",
                 f"data.val={json.dumps(str(Path(shapes) / 'val'))}",
-                f"run.out={json.dumps(str(Path(tmp) / name.replace(' ', '-').replace(',', '')))}",
                 f"run.max_steps={steps}",
                 f"run.save_every={steps * 10}",
+                f"run.device={json.dumps(target)}",
             ]
-            recipe = load_recipe(recipe_path, common + overrides)
-            summary = train(recipe, progress=False)
-            log = [json.loads(line) for line in (Path(summary["run_dir"]) / "log.jsonl").open()]
+            run_dir = Path(tmp) / name.replace(" ", "-").replace(",", "")
+            summary, log = train_run(run_dir, common + overrides)
+            # The trainer's own clock (its training loop): the process's start-up does not count.
             tokens = sum(r["tokens"] for r in log if "tokens" in r)
             rows.append({"variant": name, "answer_tokens_per_s": tokens / summary["train_seconds"]})
     by_name = {r["variant"]: r["answer_tokens_per_s"] for r in rows}
@@ -90,53 +107,41 @@ def training_rows(steps: int, shapes: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _sync() -> None:
-    bench_sync(_device())
-
-
-def _best_seconds(run, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``run()``."""
-    best = float("inf")
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        run()
-        _sync()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _per_token_seconds(model, name: str, images: int, size, tokens: int, repeats: int) -> float:
-    """Seconds per new token after the prompt: (time for 1 + tokens) - (time for 1), per token."""
+def _multi_image_prompt(model, name: str, images: int, size, device: torch.device) -> dict[str, torch.Tensor]:
+    """One row: ``images`` copies of an image, each followed by a little text, then the text of
+    a one-image prompt."""
     prompt = make_inputs(name, model, size, 1, answer=0, seed=images)
     ids = prompt.ours["input_ids"]
     image = ids[:, 1 : 1 + model.tokens_per_image]  # the single image's placeholders
-    # ``images`` images, each followed by a little text, then the original prompt's text.
     parts = [ids[:, :1]] + [torch.cat([image, ids[:, -4:]], 1) for _ in range(images)]
-    inputs = {
-        "input_ids": torch.cat(parts, 1).to(_device()),
-        "pixel_values": prompt.ours["pixel_values"].repeat(images, 1, 1, 1).to(_device()),
+    return {
+        "input_ids": torch.cat(parts, 1).to(device),
+        "pixel_values": prompt.ours["pixel_values"].repeat(images, 1, 1, 1).to(device),
     }
 
-    def timed(n: int) -> float:
-        return _best_seconds(lambda: generate(model, **inputs, max_new_tokens=n), repeats)
 
-    timed(2)  # warm-up
-    return (timed(1 + tokens) - timed(1)) / tokens
+def _per_token_seconds(model, name: str, images: int, size, tokens: int, repeats: int, device) -> float:
+    """Seconds per new token after the prompt: (time for 1 + tokens) - (time for 1), per token."""
+    inputs = _multi_image_prompt(model, name, images, size, device)
+
+    def generating(n: int):
+        return lambda: generate(model, **inputs, max_new_tokens=n)
+
+    seconds = race({"short": generating(1), "long": generating(1 + tokens)}, device, iters=repeats)
+    return (seconds["long"] - seconds["short"]) / tokens
 
 
-def image_scaling_rows(size: str = "small", tokens: int = 32, repeats: int = 3) -> list[dict[str, Any]]:
-    size = SIZES[size]
+def image_scaling_rows(
+    size: str = "small", tokens: int = 32, repeats: int = 3, device: str | torch.device = "auto"
+) -> list[dict[str, Any]]:
+    """Per-token generation cost with 1 and with 4 images in the prompt, LLaVA and IDEFICS."""
+    size, dev = SIZES[size], pick_device(device)
     rows = []
-    for name in ("llava", "idefics"):
+    for name in ("llava", "idefics"):  # a prefix bridge and a cross-attention one
         with tempfile.TemporaryDirectory() as tmp:
             _, model, _ = model_pair(name, size, Path(tmp))
-        model.to(_device()).eval()
-        one, four = (_per_token_seconds(model, name, n, size, tokens, repeats) for n in (1, 4))
+        model.to(dev).eval()
+        one, four = (_per_token_seconds(model, name, n, size, tokens, repeats, dev) for n in (1, 4))
         rows.append(
             {
                 "model": name,
@@ -148,56 +153,55 @@ def image_scaling_rows(size: str = "small", tokens: int = 32, repeats: int = 3) 
     return rows
 
 
-def cache_rows(size: str = "small", rows: int = 16, tokens: int = 64, compile: bool = True) -> list[dict]:
-    spec = SIZES[size]
+def cache_rows(
+    size: str = "small",
+    rows: int = 16,
+    tokens: int = 64,
+    compile: bool = True,
+    device: str | torch.device = "auto",
+) -> list[dict[str, Any]]:
+    """Generation tokens/s with the dynamic KV cache, a static one, and (``compile``) a static one
+    with the new-token step compiled, each over the dynamic cache's."""
+    spec, dev = SIZES[size], pick_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         _, model, _ = model_pair("llava", spec, Path(tmp))
-    model.to(_device()).eval()
-    prompt = {
-        k: v.to(_device()) for k, v in make_inputs("llava", model, spec, rows, answer=0, seed=1).ours.items()
-    }
-
-    def tokens_per_s(**options) -> float:
-        return (
-            rows
-            * tokens
-            / _best_seconds(lambda: generate(model, **prompt, max_new_tokens=tokens, **options), 3)
-        )
-
+    model.to(dev).eval()
+    prompt = {k: v.to(dev) for k, v in make_inputs("llava", model, spec, rows, answer=0, seed=1).ours.items()}
     variants = {"dynamic cache": {}, "static cache": {"cache": "static"}}
-    results = [{"variant": name, "tokens_per_s": tokens_per_s(**o)} for name, o in variants.items()]
     if compile:
-        start = time.perf_counter()
-        generate(model, **prompt, max_new_tokens=tokens, cache="static", compile=True)
-        compile_s = time.perf_counter() - start
-        results.append(
-            {
-                "variant": "static cache, compiled step",
-                "tokens_per_s": tokens_per_s(cache="static", compile=True),
-                "first_call_seconds": compile_s,
-            }
-        )
+        variants["static cache, compiled step"] = {"cache": "static", "compile": True}
+
+    def generating(options: dict[str, Any]):
+        return lambda: generate(model, **prompt, max_new_tokens=tokens, **options)
+
+    # The compiled step's first call compiles: timed on its own, before the race.
+    first_call = time_call(generating(variants["static cache, compiled step"]), dev) if compile else None
+    seconds = race({name: generating(o) for name, o in variants.items()}, dev, iters=3)
+    results = [{"variant": name, "tokens_per_s": rows * tokens / s} for name, s in seconds.items()]
+    if first_call is not None:
+        results[-1]["first_call_seconds"] = first_call
     for r in results:
         r["ratio"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
     return results
 
 
-def run(out: str | Path = "eval/results", steps: int = 40, shapes: str = "runs/shapes-data") -> Path:
-    from vlm.data.shapes import write_shapes
-
+def run(
+    out: str | Path = "eval/results",
+    steps: int = 40,
+    shapes: str = "runs/shapes-data",
+    device: str = "auto",
+) -> Path:
+    """Runs every measurement on ``device`` and writes ``options-<device>.json`` and ``.md``
+    under ``out``; returns the JSON file's path."""
+    dev = pick_device(device)
     write_shapes(shapes)  # a no-op when the default dataset is already there
     results = {
-        "device": device_name(_device()),
-        "training": training_rows(steps, shapes),
-        "generation_vs_images": image_scaling_rows(),
-        "generation_caches": cache_rows(),
+        "device": device_name(dev),
+        "training": training_rows(steps, shapes, dev),
+        "generation_vs_images": image_scaling_rows(device=dev),
+        "generation_caches": cache_rows(device=dev),
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"options-{results['device'].replace(' ', '-').lower()}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(results))
-    return path
+    return write_report(results, out, "options", markdown)
 
 
 def markdown(results: dict[str, Any]) -> str:

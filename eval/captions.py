@@ -11,6 +11,11 @@ import re
 import shutil
 from collections.abc import Sequence
 
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+
 _TOKENS = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 _DROPPED = {
     "''",
@@ -51,10 +56,6 @@ def caption_metrics(
     Returns ``bleu1``..``bleu4``, ``rouge_l``, ``cider`` (CIDEr-D, x10 as published), ``meteor``
     when computed, and ``skipped``: the metrics not computed and why.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
     if not predictions:
@@ -70,8 +71,6 @@ def caption_metrics(
     skipped = ["spice (needs Stanford CoreNLP models, downloaded on first use)"]
     java = shutil.which("java") is not None
     if meteor or (meteor is None and java):
-        from pycocoevalcap.meteor.meteor import Meteor
-
         scorer = Meteor()
         try:
             metrics["meteor"] = float(scorer.compute_score(gts, res)[0])

@@ -58,14 +58,11 @@ class Predictor:
         self.device = _device(device)
         self.model = from_pretrained(model_dir).to(self.device).eval()
         self.tokenizer = load_tokenizer(model_dir)
-        settings = self.model.config.extra.get("processor", {})
+        settings = self.model.config.processor  # what the model was trained with
         self.processor = Processor(
-            self.tokenizer,
-            tokens_per_image=self.model.tokens_per_image,
-            templates=settings.get("templates") or None,
-            max_length=settings.get("max_length", 512),
+            self.tokenizer, tokens_per_image=self.model.tokens_per_image, config=settings
         )
-        self.transform = encoder_transform(self.model.encoder, mode=settings.get("resize", "crop"))
+        self.transform = encoder_transform(self.model.encoder, mode=settings.resize)
         self.generation = dataclasses.replace(
             generation or GenerationConfig(),
             eos_token_id=self.tokenizer.eos_token_id,

@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
+from vlm.convert import FORMATS
 from vlm.eval import bench
+from vlm.eval.bench_common import pick_device, race, write_report
+from vlm.eval.bench_options import TRAINING_VARIANTS, cache_rows, image_scaling_rows, training_rows
+
+
+def test_the_benchmark_covers_every_registered_format():
+    assert bench.MODELS == tuple(FORMATS) == ("llava", "blip2", "idefics")
 
 
 @pytest.mark.parametrize("name", bench.MODELS)
@@ -55,9 +62,7 @@ def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
 
 
 def test_training_options_run_every_variant(shapes_dir):
-    from vlm.eval.bench_options import TRAINING_VARIANTS, training_rows
-
-    rows = training_rows(steps=2, shapes=str(shapes_dir))
+    rows = training_rows(steps=2, shapes=str(shapes_dir), device="cpu")  # each a `vlm train` process
     assert [r["variant"] for r in rows] == list(TRAINING_VARIANTS)
     assert all(r["answer_tokens_per_s"] > 0 for r in rows)
     compared = [r for r in rows if TRAINING_VARIANTS[r["variant"]][1]]
@@ -65,9 +70,7 @@ def test_training_options_run_every_variant(shapes_dir):
 
 
 def test_generation_cost_is_measured_per_new_token_for_one_and_four_images():
-    from vlm.eval.bench_options import image_scaling_rows
-
-    rows = image_scaling_rows(size="tiny", tokens=8, repeats=2)
+    rows = image_scaling_rows(size="tiny", tokens=8, repeats=2, device="cpu")
     assert [r["model"] for r in rows] == ["llava", "idefics"]
     for r in rows:
         assert r["ratio"] == pytest.approx(r["ms_per_token_4_images"] / r["ms_per_token_1_image"])
@@ -85,8 +88,29 @@ def test_step_flops_counts_a_matmul_forward_and_backward():
 
 
 def test_cache_variants_are_compared_to_the_dynamic_cache():
-    from vlm.eval.bench_options import cache_rows
-
-    rows = cache_rows(size="tiny", rows=2, tokens=4, compile=False)
+    rows = cache_rows(size="tiny", rows=2, tokens=4, compile=False, device="cpu")
     assert [r["variant"] for r in rows] == ["dynamic cache", "static cache"]
     assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0
+
+
+def test_pick_device_reads_auto_as_cuda_when_present():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_race_gives_the_median_of_interleaved_rounds():
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    seconds = race(calls, torch.device("cpu"), warmup=1, iters=3)
+    assert order == ["a", "b"] * 4  # one warm-up round, then three timed ones
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+
+
+def test_write_report_names_the_files_after_the_device(tmp_path):
+    path = write_report({"device": "NVIDIA H200", "x": 1}, tmp_path, "bench", lambda r: f"# {r['x']}\n")
+    assert path == tmp_path / "bench-nvidia-h200.json"
+    assert json.loads(path.read_text()) == {"device": "NVIDIA H200", "x": 1}
+    assert path.with_suffix(".md").read_text() == "# 1\n"
+    assert (
+        not write_report({"device": "cpu-x86_64-2threads"}, tmp_path, "convert").with_suffix(".md").exists()
+    )

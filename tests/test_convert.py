@@ -1,22 +1,29 @@
 """Published formats: transformers' LLaVA, BLIP-2 and IDEFICS checkpoints load into vlm's modules
-and compute what transformers computes (tiny random models saved by the tests themselves)."""
+and compute what transformers computes (tiny random models saved by the tests themselves). The
+shared tests run over every registered format (``vlm.convert.FORMATS``), two images per row."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import vlm
 from vlm.cli import main
+from vlm.convert import CONVERTERS, FORMATS, IMAGE_TOKEN_ID, register_format, supported
 from vlm.eval import bench
+from vlm.eval.bench_convert import measure, write_checkpoint
 from vlm.generate import generate
 
 TINY = bench.SIZES["tiny"]  # random weights wide enough that images move the logits visibly
 SIZE = TINY.image
-IMAGE_ID = 4  # "<image>" in the benchmark's placeholder tokenizer
-FORMATS = list(bench.MODELS)
+IMAGE_ID = IMAGE_TOKEN_ID  # "<image>" in the placeholder tokenizer
+NAMES = list(FORMATS)
 
 
 @pytest.fixture(scope="module")
@@ -24,40 +31,34 @@ def checkpoints(tmp_path_factory):
     """Each format saved by transformers: ``name -> (directory, transformers model, image token id)``."""
     torch.manual_seed(0)
     out = {}
-    for name in FORMATS:
+    for name, fmt in FORMATS.items():
         path = tmp_path_factory.mktemp(name)
-        model = bench.build_transformers(name, TINY, IMAGE_ID)
-        model.save_pretrained(path)
-        bench.placeholder_tokenizer(TINY.vocab).save_pretrained(path)  # IDEFICS names <image> there
+        model = fmt.save_reference(
+            TINY, path, image_token_id=IMAGE_ID
+        )  # IDEFICS names <image> in the tokenizer
         out[name] = (path, model.eval(), IMAGE_ID)
     return out
 
 
-def _inputs(name: str, model, image_id: int, tokens_per_image: int, rows: int = 2):
-    """The same text and images in transformers' layout and in vlm's."""
+def _inputs(name: str, image_id: int, tokens_per_image: int, rows: int = 2, images: int = 2):
+    """The same text and ``images`` images per row in transformers' layout and in vlm's: a little
+    text, then each image's placeholders followed by more text."""
     g = torch.Generator().manual_seed(1)
-    if name == "idefics":  # two images per row, <image> tokens and the mask of the latest image
-        ids = torch.tensor([[1, 7, image_id, 8, 9, image_id, 10, 11, 12]] * rows)
-        pixels = torch.randn(rows, 2, 3, SIZE, SIZE, generator=g)
-        latest = (ids == image_id).long().cumsum(1)
-        mask = torch.nn.functional.one_hot(latest, 3)[..., 1:]
-        hf = dict(
-            input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), image_attention_mask=mask
-        )
-        ours = dict(input_ids=ids, pixel_values=pixels.flatten(0, 1), attention_mask=torch.ones_like(ids))
-        return hf, ours
-    text = torch.randint(5, 90, (rows, 6), generator=g)
-    ids = torch.cat([text[:, :2], torch.full((rows, tokens_per_image), image_id), text[:, 2:]], dim=1)
-    pixels = torch.randn(rows, 3, SIZE, SIZE, generator=g)
-    hf = dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
-    return hf, dict(hf)
+    text = torch.randint(5, 90, (rows, 2 + 2 * images + 1), generator=g)
+    parts = [text[:, :2]]
+    for i in range(images):
+        parts += [torch.full((rows, tokens_per_image), image_id), text[:, 2 + 2 * i : 4 + 2 * i]]
+    ids = torch.cat([*parts, text[:, -1:]], dim=1)
+    pixels = torch.randn(rows * images, 3, SIZE, SIZE, generator=g)  # every image, in reading order
+    ours = dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
+    return FORMATS[name].hf_inputs(ours, image_id), ours
 
 
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("name", NAMES)
 def test_converted_logits_equal_transformers(checkpoints, name):
     path, hf_model, image_id = checkpoints[name]
     model = vlm.from_pretrained(path).eval()
-    hf_inputs, inputs = _inputs(name, hf_model, image_id, model.tokens_per_image)
+    hf_inputs, inputs = _inputs(name, image_id, model.tokens_per_image)
     with torch.no_grad():
         expected = hf_model(**hf_inputs).logits
         got = model(**inputs).logits
@@ -71,11 +72,11 @@ def test_converted_logits_equal_transformers(checkpoints, name):
     assert moved > 1e-2, "the images barely move the logits: the comparison would not test the image path"
 
 
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("name", NAMES)
 def test_converted_greedy_generation_equals_transformers(checkpoints, name):
     path, hf_model, image_id = checkpoints[name]
     model = vlm.from_pretrained(path).eval()
-    hf_inputs, inputs = _inputs(name, hf_model, image_id, model.tokens_per_image, rows=1)
+    hf_inputs, inputs = _inputs(name, image_id, model.tokens_per_image, rows=1)
     prompt = hf_inputs["input_ids"].shape[1]
     with torch.no_grad():  # vlm never generates the <image> token: ask transformers for the same
         expected = hf_model.generate(
@@ -88,7 +89,7 @@ def test_converted_greedy_generation_equals_transformers(checkpoints, name):
     assert got.tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("name", NAMES)
 def test_converted_model_saves_and_reloads_in_vlm_format(checkpoints, name, tmp_path):
     path, hf_model, image_id = checkpoints[name]
     converted = vlm.from_pretrained(path).eval()
@@ -96,34 +97,62 @@ def test_converted_model_saves_and_reloads_in_vlm_format(checkpoints, name, tmp_
     config = json.loads((tmp_path / "vlm" / "config.json").read_text())
     assert {"encoder", "bridge", "decoder"} <= config.keys()  # vlm's own format now
     reloaded = vlm.from_pretrained(tmp_path / "vlm").eval()
-    _, inputs = _inputs(name, hf_model, image_id, converted.tokens_per_image)
+    _, inputs = _inputs(name, image_id, converted.tokens_per_image)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, converted(**inputs).logits, atol=0, rtol=0)
-    if name == "idefics":
-        assert (tmp_path / "vlm" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "vlm" / "tokenizer_config.json").is_file()  # IDEFICS's <image> id lives there
     assert main(["save", "--model", str(path), "--out", str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0
     half = vlm.from_pretrained(tmp_path / "half")
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
 def test_unsupported_architecture_names_the_supported_formats(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(vlm.ConfigError) as err:
         vlm.from_pretrained(tmp_path)
     message = str(err.value)
     assert "GPT2LMHeadModel" in message
-    for supported in (
-        "LlavaForConditionalGeneration",
-        "Blip2ForConditionalGeneration",
-        "IdeficsForVisionText2Text",
-    ):
-        assert supported in message
+    for architecture in supported():
+        assert architecture in message
+
+
+def test_every_format_is_registered_once_with_its_converter():
+    """CONVERTERS and supported() are read from FORMATS; a name or architecture registers once."""
+    assert NAMES == ["llava", "blip2", "idefics"]
+    assert dict(CONVERTERS) == {a: f.convert for f in FORMATS.values() for a in f.architectures}
+    assert supported() == sorted(CONVERTERS)
+    llava = FORMATS["llava"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_format(llava)
+    with pytest.raises(ValueError, match="already have a converter"):
+        register_format(replace(llava, name="llava-again"))
+    assert list(FORMATS) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_connector_names_parts_of_transformers_model(checkpoints, name):
+    _, hf_model, _ = checkpoints[name]
+    parts = FORMATS[name].connector_of(hf_model)
+    assert len(parts) == len(FORMATS[name].connector)
+    assert all(isinstance(p, (torch.nn.Module, torch.nn.Parameter)) for p in parts)
+
+
+def test_idefics_layout_masks_each_token_with_its_latest_image():
+    ids = torch.tensor([[1, IMAGE_ID, 7, IMAGE_ID, 8], [IMAGE_ID, 7, 8, IMAGE_ID, 9]])
+    pixels = torch.randn(4, 3, SIZE, SIZE)
+    hf = FORMATS["idefics"].hf_inputs({"input_ids": ids, "pixel_values": pixels}, IMAGE_ID)
+    assert torch.equal(hf["pixel_values"], pixels.view(2, 2, 3, SIZE, SIZE))
+    assert hf["image_attention_mask"].tolist() == [
+        [[0, 0], [1, 0], [1, 0], [0, 1], [0, 1]],
+        [[1, 0], [1, 0], [1, 0], [0, 1], [0, 1]],
+    ]
+    uneven = torch.tensor([[IMAGE_ID, 7, IMAGE_ID], [IMAGE_ID, 7, 8]])
+    with pytest.raises(ValueError, match="as many images"):
+        FORMATS["idefics"].hf_inputs({"input_ids": uneven, "pixel_values": pixels[:3]}, IMAGE_ID)
 
 
 def test_unsupported_variant_is_refused_by_name(tmp_path):
-    model = bench.build_transformers("llava", TINY, IMAGE_ID)
+    model = FORMATS["llava"].reference(TINY, IMAGE_ID)
     model.config.vision_feature_layer = [-2, -1]
     model.save_pretrained(tmp_path)
     with pytest.raises(vlm.ConfigError, match="vision_feature_layer"):
@@ -131,8 +160,6 @@ def test_unsupported_variant_is_refused_by_name(tmp_path):
 
 
 def test_a_checkpoint_missing_tensors_gets_a_clear_error(checkpoints, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     path, _, _ = checkpoints["llava"]
     for name in ("config.json",):
         (tmp_path / name).write_text((path / name).read_text())
@@ -143,14 +170,10 @@ def test_a_checkpoint_missing_tensors_gets_a_clear_error(checkpoints, tmp_path):
         vlm.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("name", NAMES)
 def test_tensors_the_conversion_leaves_behind_are_named(checkpoints, name, tmp_path, caplog):
     """A full conversion leaves nothing behind (no warning); a tensor with no place in vlm's
     model is named in a warning instead of vanishing silently."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     path, _, _ = checkpoints[name]
     with caplog.at_level("WARNING", logger="vlm.convert.common"):
         vlm.from_pretrained(path)
@@ -170,10 +193,6 @@ def test_a_bf16_checkpoint_loads_as_bf16_in_about_its_own_size(tmp_path):
     """No float32 copy and no random initialisation first: the checkpoint's tensors become the
     parameters. Loading plus a forward pass peaks well under twice the checkpoint's size (it was
     3.0x with a float32 model built first); float32 pixels still work, and a cast is one argument."""
-    from dataclasses import replace
-
-    from vlm.eval.bench_convert import measure, write_checkpoint
-
     size = replace(bench.SIZES["small"], text_width=512, text_depth=4, text_heads=8, text_ffn=1408)
     checkpoint_bytes = write_checkpoint(tmp_path, size, IMAGE_ID)
     result = measure(tmp_path)

@@ -44,12 +44,16 @@ def tiny_recipe(shapes_dir, out, **run):
                     "attn_pdrop": 0.0,
                 },
             },  # dropout: RNG state matters
+            "processor": {
+                "max_length": 128,
+                "resize": "pad",
+                "templates": {"caption": "{images}", "vqa": "{images}{question}"},
+            },
         },
         "data": {
             "train": str(shapes_dir / "train"),
             "tokenizer": str(shapes_dir / "tokenizer"),
             "shuffle_buffer": 16,
-            "templates": {"caption": "{images}", "vqa": "{images}{question}"},
         },
         "optim": {"lr": 3e-3, "warmup_steps": 3},
         "run": {"out": str(out), "max_steps": 20, "batch_size": 8, "save_every": 5, "keep_last": 3, **run},

@@ -22,6 +22,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 PREFIX = "ckpt-"
 WEIGHTS = "trainable.safetensors"
@@ -89,14 +97,10 @@ def _remove(path: Path) -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP2 has sharded the model's parameters (into DTensors)."""
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _full_options(**kwargs):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
@@ -105,8 +109,6 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     rank must join; the full tensors land on rank 0's CPU."""
     if not is_sharded(model):
         return trainable_state(model), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     weights = get_model_state_dict(model, options=_full_options(cpu_offload=True))
     optim = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
@@ -115,8 +117,6 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
 
 def gather_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight of a sharded model, full size, on rank 0's CPU (a collective)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     return {
         n: t.contiguous()
         for n, t in get_model_state_dict(model, options=_full_options(cpu_offload=True)).items()
@@ -174,8 +174,6 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, sched
         )
     state = _read(path / STATE, lambda file: torch.load(file, weights_only=True))
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
         set_model_state_dict(model, weights, options=_full_options(strict=False))
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_full_options())

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 
 @dataclass
@@ -52,8 +53,6 @@ def wrap_model(model: nn.Module, env: Dist, *, shard: bool) -> nn.Module:
     if not env.enabled:
         return model
     if shard:
-        from torch.distributed.fsdp import fully_shard
-
         for layer in model.decoder.layers():
             fully_shard(layer)
         fully_shard(model)

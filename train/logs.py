@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure  # no pyplot: no display backend, no global figure state
+from torch.utils.tensorboard import SummaryWriter
+
 LOG_FILE = "log.jsonl"
 
 
@@ -22,8 +25,6 @@ class RunLog:
         # A resumed run rewrites the steps after its checkpoint, so the log reads as one run.
         keep = [r for r in read_log(self.path) if resume_step is not None and r["step"] <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        from torch.utils.tensorboard import SummaryWriter
-
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -57,11 +58,6 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 def plot_loss(log_path: Path, png_path: Path) -> None:
     """Loss (and its moving average) against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = [r for r in read_log(log_path) if "loss" in r]
     if not records:
         return
@@ -71,7 +67,8 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
         sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
         for i in range(len(losses))
     ]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     ax.plot(steps, losses, color="#9db4d8", linewidth=1, label="loss")
     ax.plot(steps, smooth, color="#1f4e9c", linewidth=2, label=f"moving average ({window})")
     ax.set_xlabel("optimizer step")
@@ -81,4 +78,3 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path)
-    plt.close(fig)

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from vlm.config import ModelConfig
 from vlm.schema import ConfigError, parse_dataclass
+
+#: The shipped recipes (``shapes.toml``, ``llava_stage1.toml``, ...), installed or not.
+RECIPES = Path(str(files("vlm.train") / "recipes"))
+
+
+#: Recipe keys that moved from [data] to [model.processor] (they travel with the saved model).
+MOVED_TO_PROCESSOR = {"max_length", "resize", "templates"}
 
 
 @dataclass
@@ -48,14 +56,11 @@ class DataConfig:
     shapes: str = ""
     shapes_image_size: int = 64
     tasks: list[str] = field(default_factory=lambda: ["caption", "vqa"])
-    resize: str = "pad"
-    max_length: int = 128
     shuffle_buffer: int = 1000
     num_workers: int = 0
     split: str = "shard"
     pack_turns: bool = False
     pack_length: int = 0
-    templates: dict[str, str] = field(default_factory=dict)
     max_bad_fraction: float = 0.5
 
 
@@ -112,8 +117,6 @@ class Recipe:
         return ModelConfig.from_dict(self.model)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return {
             "model": self.model,
             "data": asdict(self.data),
@@ -167,6 +170,12 @@ def recipe_from_dict(tree: dict[str, Any], overrides: list[str] = (), source: st
         )
     for assignment in overrides:
         apply_override(tree, assignment)
+    moved = sorted(set(tree["data"]) & MOVED_TO_PROCESSOR)
+    if moved:
+        raise ConfigError(
+            f"data.{moved[0]} is a setting of the model's processor now, saved with the model: "
+            f"write it as model.processor.{moved[0]} ([model.processor] in the recipe)"
+        )
     recipe = Recipe(
         model=tree["model"],
         data=parse_dataclass(DataConfig, tree["data"], where="data"),

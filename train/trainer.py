@@ -24,6 +24,7 @@ from tqdm import tqdm
 from vlm.config import ModelConfig
 from vlm.data.loader import make_loader
 from vlm.data.pipeline import BadDataError
+from vlm.data.shapes import write_shapes
 from vlm.data.transforms import encoder_transform
 from vlm.model import IGNORE_INDEX, VisionLanguageModel, build_model
 from vlm.processor import IMAGE_TOKEN, Processor
@@ -123,8 +124,6 @@ def prepare_data(recipe: Recipe, env: Dist) -> None:
     if not recipe.data.shapes:
         return
     if env.is_main:
-        from vlm.data.shapes import write_shapes
-
         write_shapes(recipe.data.shapes, seed=recipe.run.seed, image_size=recipe.data.shapes_image_size)
     if env.enabled:
         torch.distributed.barrier()
@@ -149,7 +148,7 @@ def make_train_loader(
     return make_loader(
         shards,
         processor,
-        encoder_transform(model.encoder, mode=data.resize),
+        encoder_transform(model.encoder, mode=model.config.processor.resize),
         batch_size=micro_batch,
         tasks=data.tasks,
         num_workers=data.num_workers,
@@ -186,19 +185,14 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
     prepare_data(recipe, env)
     tokenizer = recipe_tokenizer(recipe.data.tokenizer)
     model = build_training_model(recipe, tokenizer).to(env.device)
-    processor = Processor(
-        tokenizer,
-        tokens_per_image=model.tokens_per_image,
-        max_length=recipe.data.max_length,
-        templates=recipe.data.templates or None,
-    )
+    processor = Processor(tokenizer, tokens_per_image=model.tokens_per_image, config=model.config.processor)
     shards = recipe.data.train
     if not shards:
         raise ConfigError("data.train names no shards; set it in the recipe or with --set data.train=...")
     if run.cache_features:  # before wrapping: it runs the encoder on its own
         if env.is_main:
             build_feature_cache(
-                model, shards, out / "feature-cache", resize=recipe.data.resize, device=env.device
+                model, shards, out / "feature-cache", resize=model.config.processor.resize, device=env.device
             )
         if env.enabled:
             torch.distributed.barrier()
@@ -330,15 +324,6 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
     }
     full_state = gather_model_state(model) if is_sharded(model) else None  # a collective
     if env.is_main:
-        # Inference needs the prompts and image preprocessing the model was trained with.
-        processing = {
-            "templates": recipe.data.templates,
-            "resize": recipe.data.resize,
-            "max_length": recipe.data.max_length,
-        }
-        model.config = dataclasses.replace(
-            model.config, extra={**model.config.extra, "processor": processing}
-        )
         summary["model"] = str(export(model, tokenizer, out / "model", state_dict=full_state))
         plot_loss(out / "log.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

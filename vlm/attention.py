@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 #: Use FlexAttention block masks on CPU too (tests set it; on CPU it is slower than dense masks).
 FLEX_ON_CPU = False
@@ -28,15 +29,11 @@ def use_block_masks(device: torch.device) -> bool:
 
 def block_mask(mask_mod: Callable, batch: int, q_len: int, kv_len: int, device: torch.device):
     """A FlexAttention block mask from ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (same for every head)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
 
 
 @functools.cache
 def _flex_attention(device_type: str) -> Callable:
-    from torch.nn.attention.flex_attention import flex_attention
-
     # Compiled, FlexAttention is one fused kernel; eager it is a reference implementation.
     return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 

@@ -15,7 +15,36 @@ import vlm.bridges  # noqa: F401  (fills the registries that parse the parts)
 import vlm.decoders  # noqa: F401
 import vlm.encoders  # noqa: F401
 from vlm.registry import BRIDGES, DECODERS, ENCODERS
-from vlm.schema import ConfigError, to_dict
+from vlm.schema import ConfigError, parse_dataclass, to_dict
+
+#: How an image becomes the encoder's square input (see ``vlm.data.transforms``).
+RESIZE_MODES = ("crop", "pad")
+
+
+@dataclass
+class ProcessorConfig:
+    """How text and images become the model's inputs: saved with the model, so inference
+    prepares its inputs exactly as training did.
+
+    Args:
+        max_length: longer samples are cut at the end of the answer (and counted).
+        resize: ``"crop"`` resizes the short side and centre-crops (CLIP, transformers' LLaVA);
+            ``"pad"`` pads to a square with the mean colour first (LLaVA-1.5's training).
+        templates: prompt templates per task, over ``vlm.processor.TEMPLATES``; ``{images}``
+            becomes one ``<image>`` per image, ``{question}`` the question.
+        chat: wrap prompts in the tokenizer's chat template; ``None``: when it has one.
+    """
+
+    max_length: int = 512
+    resize: str = "crop"
+    templates: dict[str, str] = field(default_factory=dict)
+    chat: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"processor.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.max_length < 1:
+            raise ConfigError(f"processor.max_length must be >= 1, got {self.max_length}")
 
 
 @dataclass
@@ -28,12 +57,14 @@ class ModelConfig:
         decoder: a decoder config (``HFDecoderConfig``).
         image_token_id: id of the ``<image>`` placeholder in the LM vocabulary; ``None``
             appends one new token to the LM's embeddings and uses it.
+        processor: how prompts and images are prepared for this model (:class:`ProcessorConfig`).
     """
 
     encoder: Any
     bridge: Any
     decoder: Any
     image_token_id: int | None = None
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the model
 
     @classmethod
@@ -49,8 +80,20 @@ class ModelConfig:
             bridge=BRIDGES.parse(data["bridge"]),
             decoder=DECODERS.parse(data["decoder"]),
             image_token_id=data.get("image_token_id"),
-            extra=dict(data.get("extra", {})),
+            processor=_processor(data),
+            extra={k: v for k, v in data.get("extra", {}).items() if k != "processor"},
         )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def _processor(data: dict[str, Any]) -> ProcessorConfig:
+    """The processor config of a model config dict. Models saved before it had its own table
+    kept the settings in ``extra["processor"]`` (training's values, with no ``chat``)."""
+    settings = data.get("processor")
+    if settings is None:
+        settings = data.get("extra", {}).get("processor", {})
+    if isinstance(settings, ProcessorConfig):
+        return settings
+    return parse_dataclass(ProcessorConfig, dict(settings), where="model.processor")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -257,12 +258,11 @@ def build_model(config: ModelConfig | dict[str, Any], *, empty: bool = False) ->
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
     else:  # validate names early, with the same message as for dicts
-        config = ModelConfig(
+        config = dataclasses.replace(
+            config,
             encoder=ENCODERS.parse(config.encoder),
             bridge=BRIDGES.parse(config.bridge),
             decoder=DECODERS.parse(config.decoder),
-            image_token_id=config.image_token_id,
-            extra=config.extra,
         )
     meta = parameters_on_meta if empty else nullcontext
     with meta() if ENCODERS.get(config.encoder).builds_empty else nullcontext():

@@ -6,6 +6,9 @@ from typing import Any
 
 import torch
 
+import dataclasses
+
+from vlm.config import ProcessorConfig
 from vlm.model import IGNORE_INDEX
 from vlm.schema import ConfigError
 
@@ -24,9 +27,9 @@ class Processor:
     Args:
         tokenizer: a transformers tokenizer holding the ``<image>`` special token.
         tokens_per_image: placeholders per image (``model.tokens_per_image``).
-        max_length: longer samples are cut at the end of the answer and counted in ``truncated``.
-        templates: prompt templates per task (default: :data:`TEMPLATES`).
-        chat: wrap the prompt in the tokenizer's chat template; ``None`` = when it has one.
+        config: the settings (``model.config.processor`` for a model's own); ``overrides``
+            replace some of its fields (``max_length=...``, ``templates=...``, ``chat=...``).
+            Longer samples than ``max_length`` are counted in ``truncated``.
     """
 
     def __init__(
@@ -34,11 +37,11 @@ class Processor:
         tokenizer: Any,
         *,
         tokens_per_image: int,
-        max_length: int = 512,
-        templates: dict[str, str] | None = None,
-        chat: bool | None = None,
+        config: ProcessorConfig | None = None,
         image_token: str = IMAGE_TOKEN,
+        **overrides: Any,
     ):
+        self.config = dataclasses.replace(config or ProcessorConfig(), **overrides)
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -49,8 +52,9 @@ class Processor:
                 "and set the model's image_token_id to its id"
             )
         self.tokens_per_image = tokens_per_image
-        self.max_length = max_length
-        self.templates = {**TEMPLATES, **(templates or {})}
+        self.max_length = self.config.max_length
+        self.templates = {**TEMPLATES, **self.config.templates}
+        chat = self.config.chat
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

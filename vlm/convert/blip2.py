@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from torch import nn
 
 from vlm.bridges.qformer import QFormerConfig
 from vlm.config import ModelConfig
@@ -19,7 +21,8 @@ from vlm.convert.common import (
     vit_config,
     vit_state,
 )
-from vlm.convert.registry import register_converter
+from vlm.convert.reference import Size, vision_config
+from vlm.convert.registry import Format, register_format
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 from vlm.schema import ConfigError
@@ -27,7 +30,6 @@ from vlm.schema import ConfigError
 LANGUAGE = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
 
 
-@register_converter("Blip2ForConditionalGeneration")
 def convert_blip2(path: Path, hf: Any) -> VisionLanguageModel:
     vision, qformer, text = hf.vision_config, hf.qformer_config, hf.text_config
     if getattr(text, "is_encoder_decoder", False):
@@ -99,3 +101,50 @@ def _qformer_state(weights: dict[str, torch.Tensor], depth: int) -> dict[str, to
     # The Q-Former's text path (embeddings, ``intermediate`` / ``output``) never runs for BLIP-2's
     # LM-facing queries, so it has no counterpart in vlm and is dropped here.
     return select(w, rename)
+
+
+def reference_blip2(size: Size, image_token_id: int) -> nn.Module:
+    """transformers' BLIP-2 at ``size``: a ViT, a Q-Former of ``size.queries`` queries and an OPT."""
+    opt = transformers.OPTConfig(
+        hidden_size=size.text_width,
+        ffn_dim=size.text_ffn,
+        num_hidden_layers=size.text_depth,
+        num_attention_heads=size.text_heads,
+        vocab_size=size.vocab,
+        word_embed_proj_dim=size.text_width,
+        init_std=size.init_range,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = transformers.Blip2Config(
+        vision_config=vision_config(size, initializer_range=size.init_range),
+        qformer_config=dict(
+            hidden_size=size.vision_width,
+            intermediate_size=4 * size.vision_width,
+            num_hidden_layers=size.connector_depth,
+            num_attention_heads=size.vision_heads,
+            encoder_hidden_size=size.vision_width,
+            initializer_range=size.init_range,
+        ),
+        text_config=opt.to_dict(),
+        num_query_tokens=size.queries,
+        image_token_index=image_token_id,
+        initializer_range=size.init_range,
+    )
+    model = transformers.Blip2ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers starts the queries at zero: make them distinct
+        model.query_tokens.normal_(0, 1)
+    return model
+
+
+FORMAT = register_format(
+    Format(
+        name="blip2",
+        architectures=("Blip2ForConditionalGeneration",),
+        convert=convert_blip2,
+        reference=reference_blip2,
+        # query_tokens is a Parameter of the model itself: it trains with the Q-Former.
+        connector=("qformer", "language_projection", "query_tokens"),
+    )
+)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from torch import Tensor, nn
 
 from vlm.bridges.perceiver import PerceiverConfig
 from vlm.config import ModelConfig
@@ -26,13 +28,13 @@ from vlm.convert.common import (
     vit_config,
     vit_state,
 )
-from vlm.convert.registry import register_converter
+from vlm.convert.reference import Size, llama_config, vision_config
+from vlm.convert.registry import Format, register_format
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 from vlm.schema import ConfigError
 
 
-@register_converter("IdeficsForVisionText2Text")
 def convert_idefics(path: Path, hf: Any) -> VisionLanguageModel:
     vision, perceiver = hf.vision_config, hf.perceiver_config
     unsupported = {
@@ -154,3 +156,57 @@ def _bridge_state(weights: dict[str, torch.Tensor], hf: Any) -> dict[str, torch.
             f"{src}mlp.": f"{dst}mlp.1.",
         }
     return select(w, rename)
+
+
+def reference_idefics(size: Size, image_token_id: int) -> nn.Module:
+    """transformers' IDEFICS at ``size``: a CLIP tower, a resampler of ``size.queries`` latents
+    and a Llama with a gated cross-attention layer every quarter of its depth. (Its image token
+    is the tokenizer's: ``image_token_id`` has no place in the config.)"""
+    vision = vision_config(size)
+    vision["embed_dim"] = vision.pop("hidden_size")
+    llama = llama_config(size)
+    config = transformers.IdeficsConfig(
+        **{k: v for k, v in llama.items() if k != "num_key_value_heads"},
+        cross_layer_interval=max(size.text_depth // 4, 1),
+        use_resampler=True,
+        alpha_initializer="ones",  # open gates: the images reach the text
+        vision_config=vision,
+        perceiver_config=dict(
+            resampler_n_latents=size.queries,
+            resampler_depth=size.connector_depth,
+            resampler_n_heads=size.vision_heads,
+            resampler_head_dim=size.vision_width // size.vision_heads,
+        ),
+    )
+    return transformers.IdeficsForVisionText2Text(config)
+
+
+def idefics_inputs(inputs: dict[str, Tensor], image_token_id: int) -> dict[str, Tensor]:
+    """vlm's layout in IDEFICS's: pixels ``(B, n_img, 3, H, W)`` (every row holds ``n_img``
+    images) and ``image_attention_mask`` ``(B, T, n_img)``, one-hot the latest image each token
+    follows (none before the first)."""
+    out = dict(inputs)
+    if inputs.get("pixel_values") is None:
+        return out
+    ids = inputs["input_ids"]
+    is_image = ids == image_token_id
+    per_row = is_image.sum(1)
+    if (per_row != per_row[0]).any():
+        raise ValueError(f"IDEFICS's layout needs as many images in every row; got {per_row.tolist()}")
+    n_img = int(per_row[0])
+    latest = is_image.long().cumsum(1)  # 0 before the first image, then 1, 2, ...
+    out["pixel_values"] = inputs["pixel_values"].unflatten(0, (ids.shape[0], n_img))
+    out["image_attention_mask"] = torch.nn.functional.one_hot(latest, n_img + 1)[..., 1:]
+    return out
+
+
+FORMAT = register_format(
+    Format(
+        name="idefics",
+        architectures=("IdeficsForVisionText2Text",),
+        convert=convert_idefics,
+        reference=reference_idefics,
+        connector=("perceiver_resampler", "gated_cross_attn_layers"),
+        hf_inputs=idefics_inputs,
+    )
+)

@@ -6,10 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import transformers
+from torch import nn
+
 from vlm.bridges.linear import ProjectorConfig
 from vlm.config import ModelConfig
 from vlm.convert.common import finish, load_exact, read_weights, select, vit_config, vit_state
-from vlm.convert.registry import register_converter
+from vlm.convert.reference import Size, llama_config, vision_config
+from vlm.convert.registry import Format, register_format
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 from vlm.schema import ConfigError
@@ -25,7 +29,6 @@ LANGUAGE = {
 }
 
 
-@register_converter("LlavaForConditionalGeneration")
 def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
     vision = hf.vision_config
     if vision.model_type != "clip_vision_model":
@@ -55,3 +58,27 @@ def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
     load_exact(model.bridge, select(weights, PROJECTOR), "projector")
     load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
     return finish(model, weights)
+
+
+def reference_llava(size: Size, image_token_id: int) -> nn.Module:
+    """transformers' LLaVA at ``size``: a CLIP tower and a Llama decoder."""
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            **vision_config(size, initializer_factor=size.init_range / 0.02)
+        ),
+        text_config=transformers.LlamaConfig(**llama_config(size)),
+        image_token_id=image_token_id,
+        initializer_range=size.init_range,
+    )
+    return transformers.LlavaForConditionalGeneration(config)
+
+
+FORMAT = register_format(
+    Format(
+        name="llava",
+        architectures=("LlavaForConditionalGeneration",),
+        convert=convert_llava,
+        reference=reference_llava,
+        connector=("multi_modal_projector",),
+    )
+)

@@ -1,24 +1,109 @@
-"""The converters by transformers architecture name."""
+"""The checkpoint formats vlm converts, each registered once by its own module.
+
+A :class:`Format` carries what vlm needs to load a transformers checkpoint (``convert``) and what
+the tests and benchmarks need to build and feed transformers' own model of it (``reference``,
+``connector``, ``hf_inputs``). :data:`CONVERTERS` and :func:`supported` are derived from it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CONVERTERS: dict[str, Callable[[Path, Any], Any]] = {}
+import torch
+from torch import Tensor, nn
+
+from vlm.convert.reference import IMAGE_TOKEN_ID, Size, placeholder_tokenizer
 
 
-def register_converter(*architectures: str):
-    """Registers ``fn(path, hf_config) -> VisionLanguageModel`` for transformers ``architectures``."""
+def same_layout(inputs: dict[str, Tensor], image_token_id: int) -> dict[str, Tensor]:
+    """``hf_inputs`` of a format whose transformers model takes vlm's layout as it is."""
+    return dict(inputs)
 
-    def register(fn):
-        for name in architectures:
-            CONVERTERS[name] = fn
-        return fn
 
-    return register
+@dataclass(frozen=True)
+class Format:
+    """One checkpoint format.
+
+    Attributes:
+        name: the short name (``"llava"``), as ``vlm bench --models`` spells it.
+        architectures: the transformers architecture names (``config.json``'s ``architectures``).
+        convert: ``convert(path, hf_config) -> VisionLanguageModel``.
+        reference: ``reference(size, image_token_id) -> nn.Module``, transformers' own model at
+            :class:`~vlm.convert.reference.Size`, randomly initialised.
+        connector: the attributes of transformers' model that form the connector (modules or
+            parameters, on the model or on its inner ``.model``): what vlm's bridge holds.
+        hf_inputs: ``hf_inputs(inputs, image_token_id) -> inputs`` turns vlm's inputs
+            (``input_ids`` with placeholders, ``pixel_values`` ``(N_img, 3, H, W)`` in reading
+            order) into the keyword arguments transformers' model takes for the same batch.
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    convert: Callable[[Path, Any], Any]
+    reference: Callable[[Size, int], nn.Module]
+    connector: tuple[str, ...]
+    hf_inputs: Callable[[dict[str, Tensor], int], dict[str, Tensor]] = same_layout
+
+    def connector_of(self, model: nn.Module) -> list[nn.Module | nn.Parameter]:
+        """The connector's parts in transformers' ``model`` (``requires_grad_`` works on each)."""
+        owner = getattr(model, "model", model)  # newer transformers nest the parts in ``.model``
+        return [getattr(owner, p) if hasattr(owner, p) else getattr(model, p) for p in self.connector]
+
+    def save_reference(
+        self,
+        size: Size,
+        directory: str | Path,
+        *,
+        image_token_id: int = IMAGE_TOKEN_ID,
+        dtype: torch.dtype | None = None,
+    ) -> nn.Module:
+        """Builds the reference model, saves it (cast to ``dtype``) with the placeholder tokenizer
+        in ``directory``, a checkpoint ``vlm.from_pretrained`` converts; returns the model."""
+        model = self.reference(size, image_token_id)
+        if dtype is not None:
+            model.to(dtype)
+        model.save_pretrained(directory)
+        placeholder_tokenizer(size.vocab).save_pretrained(directory)
+        return model
+
+
+#: The registered formats by name, in registration order.
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Adds ``fmt`` to :data:`FORMATS`; a name or architecture may be registered once."""
+    if fmt.name in FORMATS:
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    taken = set(fmt.architectures) & set(CONVERTERS)
+    if taken:
+        raise ValueError(f"architectures {sorted(taken)} already have a converter")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+class _Converters(Mapping[str, Callable[[Path, Any], Any]]):
+    """Architecture name -> converter, read from :data:`FORMATS` (so always in step with it)."""
+
+    def _table(self) -> dict[str, Callable[[Path, Any], Any]]:
+        return {a: f.convert for f in FORMATS.values() for a in f.architectures}
+
+    def __getitem__(self, architecture: str) -> Callable[[Path, Any], Any]:
+        return self._table()[architecture]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+CONVERTERS: Mapping[str, Callable[[Path, Any], Any]] = _Converters()
 
 
 def supported() -> list[str]:
+    """The transformers architectures vlm converts."""
     return sorted(CONVERTERS)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from vlm.registry import register_decoder
 from vlm.schema import ConfigError
@@ -54,8 +55,6 @@ class HFDecoderConfig:
 
 
 def _load_lm(config: HFDecoderConfig) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
     if config.dtype is not None:
         kwargs["dtype"] = getattr(torch, config.dtype)
@@ -129,7 +128,8 @@ class HFDecoder(nn.Module):
 
     def _set_trainable(self) -> None:
         if self.config.lora is not None:
-            from peft import LoraConfig, inject_adapter_in_model
+            # peft takes seconds to import, and only LoRA needs it.
+            from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
 
             self.lm.requires_grad_(False)
             lora = self.config.lora

@@ -45,7 +45,7 @@ class CLIPEncoder(ImageEncoder):
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        import open_clip
+        import open_clip  # noqa: PLC0415  (seconds to import; only CLIP towers need it)
 
         if config.model not in open_clip.list_models():
             close = [m for m in open_clip.list_models() if config.model.lower() in m.lower()][:5]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from vlm.attention import MultiHeadAttention
@@ -178,8 +179,6 @@ class ViTEncoder(ImageEncoder):
             self._load(config.checkpoint)
 
     def _load(self, path: str) -> None:
-        from safetensors.torch import load_file
-
         if not Path(path).is_file():
             raise ConfigError(
                 f"encoder.checkpoint {path!r} does not exist; point it at a .safetensors file "

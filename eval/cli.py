@@ -1,0 +1,143 @@
+"""``vlm caption | vqa | eval | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tqdm import tqdm
+
+from vlm.data.decode import DecodeStats
+from vlm.eval import bench, bench_convert, bench_options
+from vlm.eval.evaluate import evaluate, score_file
+from vlm.eval.predict import InputError, Predictor, batched, check_model_dir, plan_inputs, read_sources
+from vlm.generate import GenerationConfig
+from vlm.subcommand import add_subcommand
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    for task, help_text in (("caption", "caption images"), ("vqa", "answer a question about images")):
+        sub = add_subcommand(
+            commands, task, help=f"{help_text} (files, folders or shards) with a trained model"
+        )
+        sub.add_argument("images", nargs="+", help="image files, folders of images, or webdataset shards")
+        sub.add_argument(
+            "--model", required=True, help="a model directory (from `vlm train` or save_pretrained)"
+        )
+        if task == "vqa":
+            sub.add_argument("--question", required=True, help="the question to ask about every image")
+        sub.add_argument("--out", default=None, help="JSONL file to write (default: print to stdout)")
+        sub.add_argument("--batch-size", type=int, default=16)
+        sub.add_argument("--max-new-tokens", type=int, default=32)
+        sub.add_argument("--num-beams", type=int, default=1)
+        sub.add_argument("--device", default="auto")
+        sub.set_defaults(func=_predict)
+
+    ev = add_subcommand(commands, "eval", help="evaluate a model on shards, or score a predictions file")
+    ev.add_argument("--task", required=True, choices=["caption", "vqa"])
+    ev.add_argument("--out", required=True, help="directory for metrics.json (and gallery.html)")
+    ev.add_argument("--model", help="a model directory")
+    ev.add_argument("--data", help="shards to evaluate on")
+    ev.add_argument("--predictions", help="JSONL of {prediction, references | answers} from any model")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_eval)
+
+    parser = add_subcommand(
+        commands, "bench", help="time vlm against transformers' LLaVA, BLIP-2 and IDEFICS"
+    )
+    parser.add_argument("--models", nargs="+", default=list(bench.MODELS), choices=list(bench.MODELS))
+    parser.add_argument("--size", default="small", choices=list(bench.SIZES), help="small: CPU; large: GPU")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--iters", type=int, default=6, help="timed rounds per measurement")
+    parser.add_argument("--out", default="eval/results", help="where bench-<device>.json/.md go")
+    parser.add_argument(
+        "--options",
+        action="store_true",
+        help="instead: what packing, the feature cache and the KV cache buy (options-<device>.*)",
+    )
+    parser.add_argument(
+        "--convert",
+        action="store_true",
+        help="instead: peak memory of converting a bf16 LLaVA checkpoint (convert-<device>.json)",
+    )
+    parser.set_defaults(func=_bench)
+
+
+def finish(command: str, done: int, what: str, stats: DecodeStats) -> int:
+    """Reports what was skipped and picks the exit code: 0 when every input was read, 1 when
+    some were skipped, 2 (an ``InputError``) when nothing could be read."""
+    skipped, reasons = sum(stats.skipped.values()), stats.skipped_counts()
+    if not done:
+        raise InputError(f"nothing could be read ({skipped} skipped: {reasons or 'no inputs'})")
+    if skipped:
+        print(f"vlm {command}: {done} {what}; {skipped} input(s) skipped: {reasons}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    check_model_dir(args.model)
+    stats = DecodeStats()
+    sources = plan_inputs(args.images, stats)  # before the model loads: nothing there fails fast
+    if not sources:
+        return finish(args.command, 0, "answered", stats)
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    predictor = Predictor(args.model, device=args.device, generation=generation)
+    question = getattr(args, "question", None)
+    done = 0
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        with tqdm(desc=args.command, unit="image", disable=args.out is None) as bar:
+            for chunk in batched(read_sources(sources, stats), args.batch_size):
+                questions = [question] * len(chunk) if question else None
+                texts = predictor.predict([i.image for i in chunk], args.command, questions)
+                for item, text in zip(chunk, texts):
+                    record = {
+                        "image": item.name,
+                        **({"question": question} if question else {}),
+                        "prediction": text,
+                    }
+                    out.write(json.dumps(record) + "\n")
+                out.flush()  # a crash or Ctrl-C keeps every answer made so far
+                done += len(chunk)
+                bar.update(len(chunk))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return finish(args.command, done, "answered", stats)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.predictions:
+        metrics = score_file(args.predictions, args.task, args.out)
+        code = 0
+    elif args.model and args.data:
+        check_model_dir(args.model)
+        run = evaluate(args.model, args.data, args.task, args.out, limit=args.limit, device=args.device)
+        metrics = run.metrics
+        code = finish(args.command, len(run.records), "examples evaluated", run.inputs)
+    else:
+        raise ValueError("give --predictions FILE, or --model DIR and --data SHARDS")
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    print(f"wrote {args.out}/metrics.json")
+    return code
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """vlm against transformers' LLaVA / BLIP-2 / IDEFICS on the same weights (eval/bench.py)."""
+    if args.options:
+        path = bench_options.run(out=args.out, device=args.device)
+        print(path.with_suffix(".md").read_text())
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
+    if args.convert:
+        path = bench_convert.run(out=args.out)
+        print(path.read_text())
+        print(f"wrote {path}")
+        return 0
+    _, path = bench.run(args.models, size=args.size, device=args.device, out=args.out, iters=args.iters)
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
