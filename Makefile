@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+CONSTRAINTS := constraints.txt
+PIP_INSTALL := $(BIN)/pip install -c $(CONSTRAINTS)
+
+.PHONY: demo test lint lock clean
 
 demo: $(VENV)/.installed  ## create .venv, install vlm, run the demo
 	$(BIN)/vlm demo --out runs/demo
@@ -18,13 +21,26 @@ lint: $(VENV)/.installed-dev
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/pip install -e .
+# Installs take the versions pinned in constraints.txt, so a fresh machine gets what the tests
+# passed with.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(PIP_INSTALL) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/pip install -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+# Re-resolves every dependency to the newest versions pyproject.toml allows, in a scratch venv,
+# and rewrites constraints.txt. Then run `make test` and `make demo` and update the README's figures.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q -e '.[dev]'
+	{ echo "# The versions \`make\` installs (pip install -c constraints.txt): what the tests and the README's"; \
+	  echo "# figures were last run with. Upgrade with \`make lock\` (README, \"Upgrading dependencies\")."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | grep -v '^vlm=='; } > $(CONSTRAINTS)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-lock runs build .pytest_cache .ruff_cache *.egg-info

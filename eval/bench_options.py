@@ -135,13 +135,13 @@ def image_scaling_rows(
     size: str = "small", tokens: int = 32, repeats: int = 3, device: str | torch.device = "auto"
 ) -> list[dict[str, Any]]:
     """Per-token generation cost with 1 and with 4 images in the prompt, LLaVA and IDEFICS."""
-    size, dev = SIZES[size], pick_device(device)
+    spec, dev = SIZES[size], pick_device(device)
     rows = []
     for name in ("llava", "idefics"):  # a prefix bridge and a cross-attention one
         with tempfile.TemporaryDirectory() as tmp:
-            _, model, _ = model_pair(name, size, Path(tmp))
+            _, model, _ = model_pair(name, spec, Path(tmp))
         model.to(dev).eval()
-        one, four = (_per_token_seconds(model, name, n, size, tokens, repeats, dev) for n in (1, 4))
+        one, four = (_per_token_seconds(model, name, n, spec, tokens, repeats, dev) for n in (1, 4))
         rows.append(
             {
                 "model": name,
@@ -167,15 +167,16 @@ def cache_rows(
         _, model, _ = model_pair("llava", spec, Path(tmp))
     model.to(dev).eval()
     prompt = {k: v.to(dev) for k, v in make_inputs("llava", model, spec, rows, answer=0, seed=1).ours.items()}
-    variants = {"dynamic cache": {}, "static cache": {"cache": "static"}}
-    if compile:
-        variants["static cache, compiled step"] = {"cache": "static", "compile": True}
 
     def generating(options: dict[str, Any]):
         return lambda: generate(model, **prompt, max_new_tokens=tokens, **options)
 
-    # The compiled step's first call compiles: timed on its own, before the race.
-    first_call = time_call(generating(variants["static cache, compiled step"]), dev) if compile else None
+    variants = {"dynamic cache": {}, "static cache": {"cache": "static"}}
+    first_call = None
+    if compile:
+        variants["static cache, compiled step"] = {"cache": "static", "compile": True}
+        # Its first call compiles: timed on its own, before the race (which warms up the others).
+        first_call = time_call(generating(variants["static cache, compiled step"]), dev)
     seconds = race({name: generating(o) for name, o in variants.items()}, dev, iters=3)
     results = [{"variant": name, "tokens_per_s": rows * tokens / s} for name, s in seconds.items()]
     if first_call is not None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
-
-import dataclasses
 
 from vlm.config import ProcessorConfig
 from vlm.model import IGNORE_INDEX
