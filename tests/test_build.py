@@ -1,6 +1,7 @@
 """Every encoder x bridge x decoder combination builds, runs interleaved image-text batches and trains."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import tiny
@@ -241,3 +242,19 @@ def test_projector_merge_hands_the_lm_fewer_tokens():
     with pytest.raises(ConfigError, match="square grid"):
         cls = dataclasses.replace(config.encoder, keep_class_token=True)  # 17 tokens
         build_model(dataclasses.replace(config, encoder=cls))
+
+
+def test_model_and_generation_never_ask_which_kind_of_bridge():
+    """model.py and generate.py talk to every bridge through vlm.bridges.base.Bridge only: no
+    test of a kind flag, a bridge class or a bridge name (the test-only bridge relies on it)."""
+    import re
+
+    import vlm.generate
+    import vlm.model
+
+    asks = re.compile(
+        r"cross_attention\b|isinstance\([^)]*bridge|PrefixBridge|CrossAttentionBridge|Perceiver|bridge\.name"
+    )
+    for module in (vlm.model, vlm.generate):
+        source = Path(module.__file__).read_text()
+        assert not asks.findall(source), f"{module.__name__} branches on the bridge kind"
