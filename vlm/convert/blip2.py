@@ -21,7 +21,7 @@ from vlm.convert.common import (
     vit_config,
     vit_state,
 )
-from vlm.convert.reference import Size, vision_config
+from vlm.convert.reference import SPECIAL_TOKEN_IDS, Size, vision_config
 from vlm.convert.registry import Format, register_format
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
@@ -113,9 +113,7 @@ def reference_blip2(size: Size, image_token_id: int) -> nn.Module:
         vocab_size=size.vocab,
         word_embed_proj_dim=size.text_width,
         init_std=size.init_range,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **SPECIAL_TOKEN_IDS,
     )
     config = transformers.Blip2Config(
         vision_config=vision_config(size, initializer_range=size.init_range),

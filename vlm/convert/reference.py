@@ -16,6 +16,8 @@ from tokenizers import Tokenizer, models
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = 4  # where :func:`placeholder_tokenizer` puts it
+#: The decoder config's special ids: those of :func:`placeholder_tokenizer`.
+SPECIAL_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,7 @@ def llama_config(size: Size) -> dict[str, Any]:
         num_key_value_heads=size.text_kv_heads,
         vocab_size=size.vocab,
         initializer_range=size.init_range,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **SPECIAL_TOKEN_IDS,
     )
 
 
