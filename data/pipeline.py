@@ -29,6 +29,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm.data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, BadSample, DecodeStats, decode_image
+from vlm.data.samples import placed_images
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,16 @@ def split_shards(
 
 def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple[dict[str, Any], str | None]:
     """A tar sample to ``{"key", "url", "image" (PIL RGB), "text" (dict)}`` (plus ``"images"`` when
-    it holds several) and the mode it was converted from.
+    it holds several; neither for a text-only conversation) and the mode it was converted from.
 
     A frozen-feature cache sample (``KEY.npy``: the encoder's features, ``(N_img, N, D)``)
     gives ``"features"`` (a tensor) instead of images.
 
-    Raises ``BadSample`` (``missing_image``, ``missing_text``, ``bad_text``, ``bad_features`` or a
-    decode reason).
+    Raises ``BadSample`` (``missing_image``, ``missing_text``, ``bad_text``, ``bad_features``,
+    ``image_count`` (a conversation or document with more or fewer ``<image>`` markers than
+    images) or a decode reason).
     """
     exts = _image_keys(raw)
-    if not exts and "npy" not in raw:
-        raise BadSample("missing_image")
     if "json" in raw:
         try:
             text = json.loads(raw["json"])
@@ -105,8 +105,13 @@ def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple
     elif raw.get("txt"):
         text = {"caption": raw["txt"].decode("utf-8", errors="replace").strip()}
     else:
-        raise BadSample("missing_text")
-    if not exts:
+        raise BadSample("missing_image" if not exts else "missing_text")
+    placed = placed_images(text)
+    if placed is None and not exts and "npy" not in raw:
+        raise BadSample("missing_image")
+    if placed is not None and "npy" not in raw and placed != len(exts):
+        raise BadSample("image_count", f"{placed} <image> marker(s) for {len(exts)} image(s)")
+    if not exts and "npy" in raw:
         try:
             features = torch.from_numpy(np.load(io.BytesIO(raw["npy"]), allow_pickle=False))
         except Exception as err:  # noqa: BLE001 - a damaged array, whatever numpy raises
@@ -117,6 +122,8 @@ def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple
             "features": features,
             "text": text,
         }, None
+    if not exts:  # a text-only conversation
+        return {"key": raw["__key__"], "url": raw.get("__url__", ""), "text": text}, None
     decoded = [decode_image(raw[ext], max_pixels=max_pixels) for ext in exts]
     sample = {"key": raw["__key__"], "url": raw.get("__url__", ""), "image": decoded[0][0], "text": text}
     if len(exts) > 1:  # several images: KEY.0.jpg, KEY.1.jpg, ... in that order

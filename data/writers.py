@@ -1,7 +1,11 @@
 """Shard writers: image-text pairs into webdataset tar shards.
 
-A shard holds ``KEY.<ext>`` (the original image bytes, never re-encoded) and ``KEY.json``
-(``{"caption": ...}``, ``{"captions": [...]}`` or ``{"question": ..., "answers": [...]}``).
+A shard holds ``KEY.<ext>`` (the original image bytes, never re-encoded; ``KEY.0.<ext>``,
+``KEY.1.<ext>``, ... for a sample with several images, none for a text-only one) and
+``KEY.json``: ``{"caption": ...}``, ``{"captions": [...]}``, ``{"question": ..., "answers":
+[...]}``, a conversation ``{"messages": [{"role", "content"}]}`` or an interleaved document
+``{"document": "text <image> text ..."}``; in the last two, ``<image>`` marks where each image
+goes, in reading order.
 Every image is decoded once before it is written, with the same decoding as training, so a
 shard set holds only samples a run can use; what was skipped, and why, is in the summary.
 """
@@ -24,15 +28,22 @@ from tqdm import tqdm
 
 from vlm.data.decode import IMAGE_EXTENSIONS, BadSample, decode_image
 
+ImageSource = Path | bytes
+
 
 @dataclass
 class Record:
-    """One sample to write: where its image is (a path, or bytes already in memory) and its text."""
+    """One sample to write: where its image is (a path, or bytes already in memory), or its
+    images in reading order (a list; empty for a text-only sample), and its text."""
 
-    image: Path | bytes
+    image: ImageSource | list[ImageSource]
     text: dict[str, Any]
     name: str = ""  # where it came from, for the summary
-    ext: str = ""  # image extension when ``image`` is bytes
+    ext: str = ""  # image extension when an image is bytes
+
+    @property
+    def images(self) -> list[ImageSource]:
+        return list(self.image) if isinstance(self.image, list) else [self.image]
 
 
 @dataclass
@@ -135,15 +146,20 @@ def write_shards(
                 summary.skip(record.reason, record.name)
                 continue
             try:
-                data, ext = _image_bytes(record)
+                images = [_image_bytes(image, record.ext) for image in record.images]
                 if check_images:
-                    decode_image(data)
+                    for data, _ in images:
+                        decode_image(data)
             except BadSample as bad:
                 summary.skip(bad.reason, record.name)
                 continue
             text = json.dumps(record.text, ensure_ascii=False).encode()
-            sample = {"__key__": f"{summary.written:09d}", ext: data, "json": text}
-            shards.write(sample, len(data) + len(text))
+            sample = {"__key__": f"{summary.written:09d}", "json": text}
+            if len(images) == 1:
+                sample[images[0][1]] = images[0][0]
+            else:  # KEY.0.jpg, KEY.1.png, ...: read back in this order
+                sample.update((f"{i}.{ext}", data) for i, (data, ext) in enumerate(images))
+            shards.write(sample, sum(len(data) for data, _ in images) + len(text))
             summary.written += 1
     except BaseException:
         shards.abort()
@@ -153,10 +169,10 @@ def write_shards(
     return summary
 
 
-def _image_bytes(record: Record) -> tuple[bytes, str]:
-    if isinstance(record.image, bytes):
-        return record.image, record.ext or "png"
-    path = record.image
+def _image_bytes(image: ImageSource, ext: str) -> tuple[bytes, str]:
+    if isinstance(image, bytes):
+        return image, ext or "png"
+    path = image
     if not path.is_file():
         raise BadSample("missing_image")
     ext = path.suffix.lower().lstrip(".")
