@@ -22,7 +22,13 @@ def test_save_pretrained_keeps_the_processor_settings(tmp_path):
     config.processor = ProcessorConfig(max_length=40, resize="pad", templates={"caption": "{images}"})
     save_pretrained(build_model(config), tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["processor"]
-    assert saved == {"max_length": 40, "resize": "pad", "templates": {"caption": "{images}"}, "chat": None}
+    assert saved == {
+        "max_length": 40,
+        "resize": "pad",
+        "templates": {"caption": "{images}"},
+        "chat": None,
+        "conversation": "auto",
+    }
     assert from_pretrained(tmp_path).config.processor == config.processor
 
 

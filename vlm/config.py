@@ -14,6 +14,7 @@ from typing import Any
 import vlm.bridges  # noqa: F401  (fills the registries that parse the parts)
 import vlm.decoders  # noqa: F401
 import vlm.encoders  # noqa: F401
+from vlm.conversation import CONVERSATIONS
 from vlm.registry import BRIDGES, DECODERS, ENCODERS
 from vlm.schema import ConfigError, parse_dataclass, to_dict
 
@@ -32,19 +33,29 @@ class ProcessorConfig:
             ``"pad"`` pads to a square with the mean colour first (LLaVA-1.5's training).
         templates: prompt templates per task, over ``vlm.processor.TEMPLATES``; ``{images}``
             becomes one ``<image>`` per image, ``{question}`` the question.
-        chat: wrap prompts in the tokenizer's chat template; ``None``: when it has one.
+        chat: wrap the task prompts (caption, VQA) in the tokenizer's chat template; ``None``:
+            when it has one.
+        conversation: how conversations are rendered (``vlm.conversation``): ``"auto"`` (the
+            tokenizer's chat template when it has one, else ``"vicuna_v1"``),
+            ``"chat_template"``, ``"plain"`` (LLaVA's stage 1) or ``"vicuna_v1"`` (its stage 2).
     """
 
     max_length: int = 512
     resize: str = "crop"
     templates: dict[str, str] = field(default_factory=dict)
     chat: bool | None = None
+    conversation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"processor.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.max_length < 1:
             raise ConfigError(f"processor.max_length must be >= 1, got {self.max_length}")
+        if self.conversation != "auto" and self.conversation not in CONVERSATIONS:
+            raise ConfigError(
+                f"processor.conversation must be 'auto' or one of {sorted(CONVERSATIONS)}, "
+                f"got {self.conversation!r}"
+            )
 
 
 @dataclass

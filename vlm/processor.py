@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from vlm.config import ProcessorConfig
+from vlm.conversation import EOS, Piece, chat_template_pieces, conversation_template
 from vlm.model import IGNORE_INDEX
 from vlm.schema import ConfigError
 
@@ -21,14 +24,17 @@ TEMPLATES = {
 
 
 class Processor:
-    """Turns (task, question, answer) into ``input_ids`` and ``labels`` for a model.
+    """Turns samples into ``input_ids`` and ``labels`` for a model: (task, question, answer)
+    examples, conversations (:meth:`encode_messages`) and interleaved documents
+    (:meth:`encode_document`).
 
     Args:
         tokenizer: a transformers tokenizer holding the ``<image>`` special token.
         tokens_per_image: placeholders per image (``model.tokens_per_image``).
         config: the settings (``model.config.processor`` for a model's own); ``overrides``
             replace some of its fields (``max_length=...``, ``templates=...``, ``chat=...``).
-            Longer samples than ``max_length`` are counted in ``truncated``.
+            Longer samples than ``max_length`` are counted in ``truncated``; those that cannot
+            be cut to fit are counted in ``dropped``, by reason.
     """
 
     def __init__(
@@ -58,12 +64,18 @@ class Processor:
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
+        self.conversation = conversation_template(self.config.conversation, tokenizer)
         self.truncated = 0
+        self.dropped: Counter = Counter()
 
-    def prompt(self, task: str, *, question: str | None = None, num_images: int = 1) -> str:
+    def task_text(self, task: str, *, question: str | None = None, num_images: int = 1) -> str:
+        """The task's template filled in (before any chat template)."""
         if task not in self.templates:
             raise ValueError(f"unknown task {task!r}; templates exist for {sorted(self.templates)}")
-        text = self.templates[task].format(images=(self.image_token + "\n") * num_images, question=question)
+        return self.templates[task].format(images=(self.image_token + "\n") * num_images, question=question)
+
+    def prompt(self, task: str, *, question: str | None = None, num_images: int = 1) -> str:
+        text = self.task_text(task, question=question, num_images=num_images)
         if self.chat:
             messages = [{"role": "user", "content": text}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -72,28 +84,133 @@ class Processor:
     def _ids(self, text: str, *, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
-    def prompt_ids(self, task: str, *, question: str | None = None, num_images: int = 1) -> list[int]:
-        """Token ids of the prompt with each ``<image>`` expanded to ``tokens_per_image`` placeholders."""
-        ids = self._ids(self.prompt(task, question=question, num_images=num_images), special=not self.chat)
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and not self.chat and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
+    def _expand(self, ids: list[int]) -> list[int]:
+        """Each ``<image>`` token becomes ``tokens_per_image`` placeholders."""
         out: list[int] = []
         for token in ids:
             out += [token] * self.tokens_per_image if token == self.image_token_id else [token]
         return out
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
+
+    def prompt_ids(
+        self,
+        task: str,
+        *,
+        question: str | None = None,
+        num_images: int = 1,
+        support: Sequence[tuple[str | None, str]] = (),
+    ) -> list[int]:
+        """Token ids of the prompt with each ``<image>`` expanded to ``tokens_per_image`` placeholders.
+
+        ``support``: few-shot examples ``(question, answer)`` placed before the query, each with
+        one image (its images come first in reading order), as open_flamingo evaluates: each
+        as it is trained on (prompt, answer, EOS), or as earlier chat turns with a chat template.
+        """
+        if self.chat and support:
+            messages: list[dict[str, str]] = []
+            for shot_question, answer in support:
+                messages += [
+                    {"role": "user", "content": self.task_text(task, question=shot_question)},
+                    {"role": "assistant", "content": answer},
+                ]
+            messages.append(
+                {"role": "user", "content": self.task_text(task, question=question, num_images=num_images)}
+            )
+            pieces = chat_template_pieces(
+                messages, self.image_token, add_generation_prompt=True, tokenizer=self.tokenizer
+            )
+            return self._tokens(pieces)[0]
+        ids = self._ids(self.prompt(task, question=question, num_images=num_images), special=not self.chat)
+        if not self.chat:
+            shots: list[int] = []
+            for shot_question, answer in support:
+                shots += self._ids(self.task_text(task, question=shot_question), special=False)
+                shots += self._answer_ids(answer)
+            bos = self.tokenizer.bos_token_id
+            query = ids[1:] if ids and bos is not None and ids[0] == bos else ids
+            ids = self._with_bos(shots + query)
+        return self._expand(ids)
+
+    def _tokens(self, pieces: Sequence[Piece], *, bos: bool = False) -> tuple[list[int], list[int]]:
+        """Ids and labels of rendered pieces, each tokenized on its own (images expanded)."""
+        ids = self._with_bos([]) if bos else []
+        labels = [IGNORE_INDEX] * len(ids)
+        for text, labelled in pieces:
+            if text is EOS:
+                piece = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+            else:
+                piece = self._expand(self._ids(text, special=False))
+            ids += piece
+            labels += [t if labelled and t != self.image_token_id else IGNORE_INDEX for t in piece]
+        return ids, labels
+
+    def _conversation(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool):
+        pieces = self.conversation(
+            messages, self.image_token, add_generation_prompt=add_generation_prompt, tokenizer=self.tokenizer
+        )
+        return self._tokens(pieces, bos=self.conversation is not chat_template_pieces)
+
+    def encode_messages(self, messages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        """A conversation (``[{"role", "content"}]``, ``<image>`` where each image goes) as
+        ``input_ids`` and ``labels`` on the assistant turns only, cut to ``max_length`` (see
+        :meth:`fit`); ``num_images`` is how many of its images are left."""
+        return self.fit(*self._conversation(messages, add_generation_prompt=False))
+
+    def messages_prompt_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """The ids that make the model answer the conversation's last user turn."""
+        return self._conversation(messages, add_generation_prompt=True)[0]
+
+    def _document(self, document: str, *, prompt: bool) -> tuple[list[int], list[int]]:
+        chunks = document.split(self.image_token)
+        pieces: list[Piece] = []
+        for k, chunk in enumerate(chunks):
+            if k:
+                pieces.append((self.image_token, False))
+            if chunk.strip():
+                pieces.append((chunk.strip(), True))
+                if not (prompt and k == len(chunks) - 1):  # a prompt's last text goes on
+                    pieces.append((EOS, True))
+        return self._tokens(pieces, bos=True)
+
+    def encode_document(self, document: str) -> dict[str, Any] | None:
+        """An interleaved document (text with ``<image>`` markers) with the loss on its text:
+        every text chunk ends with EOS, as Flamingo ends each chunk before the next image
+        (``<|endofchunk|>``). Cut to ``max_length`` (see :meth:`fit`)."""
+        return self.fit(*self._document(document, prompt=False))
+
+    def document_prompt_ids(self, document: str) -> list[int]:
+        """The ids of a document to continue: a few-shot prompt such as ``"<image>red<image>"``."""
+        return self._document(document, prompt=True)[0]
+
+    def fit(self, ids: list[int], labels: list[int]) -> dict[str, Any] | None:
+        """``ids`` cut to ``max_length``, never inside an image's placeholders (the cut moves to
+        before that image, and ``num_images`` says how many images remain). ``None`` when no
+        label is left (counted in ``dropped["no_label"]``)."""
+        starts = [i for i, t in enumerate(ids) if t == self.image_token_id][:: self.tokens_per_image]
+        cut = len(ids)
+        if cut > self.max_length:
+            self.truncated += 1
+            cut = self.max_length
+            cut = next((s for s in starts if s < cut < s + self.tokens_per_image), cut)
+        if all(label == IGNORE_INDEX for label in labels[1:cut]):  # position 0 is never predicted
+            self.dropped["no_label"] += 1
+            return None
+        kept = sum(s + self.tokens_per_image <= cut for s in starts)
+        return {"input_ids": ids[:cut], "labels": labels[:cut], "num_images": kept}
 
     def _parts(
         self, task: str, *, question: str | None, answer: str | None, num_images: int
     ) -> tuple[list[int], list[int]]:
         """The prompt's ids and the answer's (with EOS), untruncated."""
         prompt = self.prompt_ids(task, question=question, num_images=num_images)
-        answer_ids = []
-        if answer is not None:
-            answer_ids = self._ids(answer, special=False)
-            if self.tokenizer.eos_token_id is not None:
-                answer_ids.append(self.tokenizer.eos_token_id)
-        return prompt, answer_ids
+        return prompt, [] if answer is None else self._answer_ids(answer)
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return self._ids(answer, special=False) + ([] if eos is None else [eos])
 
     def encode(
         self, task: str, *, question: str | None = None, answer: str | None = None, num_images: int = 1
