@@ -1,7 +1,8 @@
 """From decoded samples to model batches: task examples, transforms, tokens, collation.
 
-A shard sample may yield several examples: its caption (task ``caption``) and each of its
-questions (task ``vqa``); the image is transformed once and shared by its examples.
+A shard sample may yield several examples: its caption (task ``caption``), each of its
+questions (task ``vqa``), its conversation (``chat``) or its interleaved document
+(``document``); the images are transformed once and shared by the sample's examples.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from vlm.data.pipeline import ImageTextShards
 
 log = logging.getLogger(__name__)
 
-TASKS = ("caption", "vqa")
+TASKS = ("caption", "vqa", "chat", "document")
+#: The tasks whose examples are one prompt and one answer about all of a sample's images.
+ANSWER_TASKS = ("caption", "vqa")
 
 
 def task_examples(text: dict[str, Any], tasks: Sequence[str] = TASKS) -> Iterator[dict[str, Any]]:
     """The examples one sample's text holds, for the tasks asked for.
 
-    Text forms: ``caption`` / ``captions`` (the first is the training target, all are
-    references), ``question`` + ``answers``, or ``qa``: a list of ``{question, answer(s)}``.
+    Text forms (``data.samples``): ``caption`` / ``captions`` (the first is the training
+    target, all are references), ``question`` + ``answers``, ``qa``: a list of ``{question,
+    answer(s)}``, ``messages`` (a conversation) or ``document``.
     """
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -44,6 +48,24 @@ def task_examples(text: dict[str, Any], tasks: Sequence[str] = TASKS) -> Iterato
             # The most frequent human answer is the target; all of them score predictions.
             target = Counter(answers).most_common(1)[0][0]
             yield {"task": "vqa", "question": qa["question"], "answer": target, "answers": list(answers)}
+    if "chat" in tasks and "messages" in text:
+        yield {"task": "chat", "messages": text["messages"]}
+    if "document" in tasks and "document" in text:
+        yield {"task": "document", "document": text["document"]}
+
+
+def encode_example(processor, example: dict[str, Any], num_images: int) -> dict[str, Any] | None:
+    """Tokens and labels of one example (``None`` when it cannot fit ``max_length``)."""
+    task = example["task"]
+    if task == "turns":
+        return processor.encode_turns(example["turns"], num_images=num_images)
+    if task == "chat":
+        return processor.encode_messages(example["messages"])
+    if task == "document":
+        return processor.encode_document(example["document"])
+    return processor.encode(
+        task, question=example.get("question"), answer=example["answer"], num_images=num_images
+    )
 
 
 class ExampleStream(IterableDataset):
@@ -81,44 +103,49 @@ class ExampleStream(IterableDataset):
         self.samples.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        truncated_before = self.processor.truncated
+        truncated_before, dropped_before = self.processor.truncated, Counter(self.processor.dropped)
         index = 0
         for sample in self.samples:
             examples = []
             found = list(task_examples(sample["text"], self.tasks))
-            if self.pack_turns and found:
-                random.Random(f"{self.samples.seed}:{self.samples.epoch}:{sample['key']}").shuffle(found)
-                found = [{"task": "turns", "turns": found}]
+            turns = [e for e in found if e["task"] in ANSWER_TASKS]
+            if self.pack_turns and turns:
+                random.Random(f"{self.samples.seed}:{self.samples.epoch}:{sample['key']}").shuffle(turns)
+                found = [{"task": "turns", "turns": turns}] + [
+                    e for e in found if e["task"] not in ANSWER_TASKS
+                ]
             for example in found:
                 if index % self.world_size == self.rank:
                     examples.append(example)
                 index += 1
             if not examples:
                 continue
-            if "features" in sample:  # from a frozen-feature cache: the encoder already ran
-                visual = {"image_features": sample["features"]}
-            else:
-                images = sample["images"] if "images" in sample else [sample["image"]]
-                visual = {"pixel_values": torch.stack([self.transform(image) for image in images])}
-            num_images = len(next(iter(visual.values())))
+            name, tensor = self._visual(sample)
+            num_images = 0 if tensor is None else len(tensor)
             for example in examples:
-                if example["task"] == "turns":
-                    encoded = self.processor.encode_turns(example["turns"], num_images=num_images)
-                else:
-                    encoded = self.processor.encode(
-                        example["task"],
-                        question=example.get("question"),
-                        answer=example["answer"],
-                        num_images=num_images,
-                    )
+                encoded = encode_example(self.processor, example, num_images)
                 if encoded is None:
                     continue
+                kept = encoded.pop("num_images", num_images)  # truncation may leave out later images
+                visual = {} if not kept else {name: tensor if kept == num_images else tensor[:kept]}
                 yield {**example, **encoded, **visual, "key": sample["key"]}
         truncated = self.processor.truncated - truncated_before
         if truncated:
             log.warning(
                 "%d example(s) longer than max_length=%d were truncated", truncated, self.processor.max_length
             )
+        dropped = self.processor.dropped - dropped_before
+        if dropped:
+            log.warning("dropped example(s) that do not fit max_length: %s", dict(dropped))
+
+    def _visual(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor | None]:
+        """The sample's images as the model takes them, or its cached features."""
+        if "features" in sample:  # from a frozen-feature cache: the encoder already ran
+            return "image_features", sample["features"]
+        images = sample["images"] if "images" in sample else [sample["image"]] if "image" in sample else []
+        if not images:  # a text-only conversation
+            return "pixel_values", None
+        return "pixel_values", torch.stack([self.transform(image) for image in images])
 
 
 def collate(examples: list[dict[str, Any]], processor, *, side: str = "right") -> dict[str, Any]:
@@ -128,18 +155,22 @@ def collate(examples: list[dict[str, Any]], processor, *, side: str = "right") -
     drawn from the same sample share one encoding; and the examples' metadata. A packed row
     (``PackedStream``) carries a list of its examples' images and a list of each metadata field."""
     batch = processor.pad(examples, side=side)
-    visual = "image_features" if "image_features" in examples[0] else "pixel_values"
+    visual = "image_features" if any("image_features" in e for e in examples) else "pixel_values"
     rows: dict[int, int] = {}  # examples of one sample carry the very same tensor
     distinct, index = [], []
     for example in examples:
-        tensors = example[visual] if isinstance(example[visual], list) else [example[visual]]
+        tensors = example.get(visual)
+        tensors = [t for t in tensors if t is not None] if isinstance(tensors, list) else [tensors]
         for tensor in tensors:
+            if tensor is None:  # text only
+                continue
             if id(tensor) not in rows:
                 rows[id(tensor)] = sum(len(t) for t in distinct)
                 distinct.append(tensor)
             index += range(rows[id(tensor)], rows[id(tensor)] + len(tensor))
-    batch[visual] = torch.cat(distinct)
-    batch["image_index"] = torch.tensor(index, dtype=torch.long)
+    if distinct:
+        batch[visual] = torch.cat(distinct)
+        batch["image_index"] = torch.tensor(index, dtype=torch.long)
     for field in ("task", "key", "question", "answers", "references"):
         batch[field] = [e.get(field) for e in examples]
     return batch

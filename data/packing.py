@@ -66,8 +66,8 @@ class PackedStream(IterableDataset):
 
     def _row(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         row = self.processor.pack(examples)
-        visual = "image_features" if "image_features" in examples[0] else "pixel_values"
-        row[visual] = [e[visual] for e in examples]  # collate keeps them in reading order
+        visual = "image_features" if any("image_features" in e for e in examples) else "pixel_values"
+        row[visual] = [e.get(visual) for e in examples]  # collate keeps them in reading order
         for field in _PER_EXAMPLE:
             row[field] = [e.get(field) for e in examples]
         return row

@@ -29,7 +29,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm.data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, BadSample, DecodeStats, decode_image
-from vlm.data.samples import placed_images
+from vlm.data.samples import check_messages, placed_images
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple
         text = {"caption": raw["txt"].decode("utf-8", errors="replace").strip()}
     else:
         raise BadSample("missing_image" if not exts else "missing_text")
+    if "messages" in text and (problem := check_messages(text["messages"])):
+        raise BadSample("bad_text", problem)
     placed = placed_images(text)
     if placed is None and not exts and "npy" not in raw:
         raise BadSample("missing_image")

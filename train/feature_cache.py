@@ -56,12 +56,15 @@ def build_feature_cache(
         tmp = out_dir / f"{name}.tmp"
         with wds.TarWriter(str(tmp)) as tar:
             for sample in tqdm(samples, desc=f"cache {name}", unit="sample"):
-                images = sample.get("images", [sample["image"]])
+                text = json.dumps(sample["text"]).encode()
+                images = sample.get("images", [sample["image"]] if "image" in sample else [])
+                if not images:  # a text-only conversation: nothing to encode
+                    tar.write({"__key__": sample["key"], "json": text})
+                    continue
                 pixels = torch.stack([transform(image) for image in images]).to(device)
                 features = model.encode_pixels(pixels).float().cpu().numpy()
                 buffer = io.BytesIO()
                 np.save(buffer, features, allow_pickle=False)
-                text = json.dumps(sample["text"]).encode()
                 tar.write({"__key__": sample["key"], "npy": buffer.getvalue(), "json": text})
         os.replace(tmp, out_dir / name)
     manifest.write_text(json.dumps(identity))

@@ -34,7 +34,8 @@ class DataConfig:
         tokenizer: a local tokenizer directory (it must hold, or will be given, ``<image>``).
         shapes: generate the shapes dataset in this directory when its shards are missing.
         shapes_image_size: the side of the generated shapes images, in pixels.
-        tasks: examples drawn from each sample: ``caption`` and/or ``vqa``.
+        tasks: examples drawn from each sample, among ``caption``, ``vqa``, ``chat`` (its
+            conversation) and ``document`` (its interleaved text); default: all it holds.
         split: ``"shard"`` deals shards to ranks (scales, each sample once per epoch);
             ``"example"`` deals examples round robin, so any number of ranks sees the same
             global batches as one process.
@@ -55,7 +56,7 @@ class DataConfig:
     tokenizer: str = ""
     shapes: str = ""
     shapes_image_size: int = 64
-    tasks: list[str] = field(default_factory=lambda: ["caption", "vqa"])
+    tasks: list[str] = field(default_factory=lambda: ["caption", "vqa", "chat", "document"])
     shuffle_buffer: int = 1000
     num_workers: int = 0
     split: str = "shard"
