@@ -29,6 +29,38 @@ def add_commands(commands_: argparse._SubParsersAction) -> None:
     source.add_argument("--captions", help="JSONL / CSV / JSON list of {image, caption(s)}")
     source.add_argument("--coco", help="COCO captions annotation JSON")
     source.add_argument("--vqa", help="JSON / JSONL of {image, question, answers}")
+    source.add_argument(
+        "--llava",
+        metavar="FILE",
+        help="LLaVA JSON list of {id, image, conversations} (Pretrain, mix665k, ...)",
+    )
+    source.add_argument(
+        "--vqav2",
+        nargs="+",
+        metavar="FILE",
+        help="VQAv2 QUESTIONS.json ANNOTATIONS.json (v2_OpenEnded_mscoco_*_questions.json, "
+        "v2_mscoco_*_annotations.json); test-dev questions have no answers to write",
+    )
+    source.add_argument(
+        "--coco-karpathy", metavar="FILE", help="Karpathy split file (dataset_coco.json); see --split"
+    )
+    source.add_argument(
+        "--obelics", metavar="FILE", help="OBELICS documents (parquet or JSONL); see --url-map"
+    )
+    source.add_argument("--mmc4", metavar="FILE", help="MMC4 documents (JSONL, or .jsonl.zip); see --url-map")
+    write.add_argument(
+        "--split",
+        action="append",
+        dest="splits",
+        metavar="SPLIT",
+        help="with --coco-karpathy: train, val, test or restval (repeat or comma-separate; default all)",
+    )
+    write.add_argument(
+        "--url-map",
+        metavar="FILE",
+        help="with --obelics / --mmc4: table (parquet, CSV, JSONL; or a folder of img2dataset parquets) "
+        "of url and key (the image file {key}.jpg under --images) or path",
+    )
     write.add_argument("--prefix", default="shard")
     write.add_argument("--samples-per-shard", type=int, default=1000)
     write.add_argument("--num-shards", type=int, default=None, help="spread samples over this many shards")
@@ -52,17 +84,22 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace) -> int:
-    commands.write(
+    """Exit code 0 when everything was written, 1 when something was skipped (a record, or a
+    question or image of one), 2 when nothing was written."""
+    result = commands.write(
         out=args.out,
         images=args.images,
-        captions=args.captions,
-        coco=args.coco,
-        vqa=args.vqa,
         prefix=args.prefix,
         samples_per_shard=args.samples_per_shard,
         num_shards=args.num_shards,
+        splits=args.splits,
+        url_map=args.url_map,
+        **{name: getattr(args, name) for name in commands.SOURCES},
     )
-    return 0
+    skipped = sum(result["skipped"].values()) + sum(
+        sum(p["skipped"].values()) for p in result["parts"].values()
+    )
+    return 2 if not result["written"] else 1 if skipped else 0
 
 
 def _shapes(args: argparse.Namespace) -> int:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from tqdm import tqdm
 
+from vlm.data.importers import from_karpathy, from_llava, from_mmc4, from_obelics, from_vqav2
 from vlm.data.pipeline import ImageTextShards
-from vlm.data.writers import from_coco_captions, from_image_folder, from_vqa, write_shards
+from vlm.data.writers import Drop, from_coco_captions, from_image_folder, from_vqa, write_shards
 
 
 def check(shards: list[str], *, as_json: bool = False, max_pixels: int | None = None) -> dict:
@@ -40,34 +44,98 @@ def check(shards: list[str], *, as_json: bool = False, max_pixels: int | None = 
     return report
 
 
+@dataclass(frozen=True)
+class Source:
+    """One source of ``vlm data write``: how to read it (``(value, images, **options) ->
+    records``) and which of the shared options (``splits``, ``url_map``) it takes."""
+
+    read: Callable[..., Iterable]
+    options: tuple[str, ...] = ()
+
+
+def _vqav2(files: str | list[str], images: str) -> Iterable:
+    files = [files] if isinstance(files, str) else list(files)
+    if len(files) == 1:
+        raise ValueError(
+            f"--vqav2 {files[0]}: give the annotations file too (--vqav2 QUESTIONS.json ANNOTATIONS.json). "
+            "Test and test-dev questions have no answers (they are scored on the evaluation server), "
+            "and the shards' readers need answers for every question: predict on test images with `vlm vqa`."
+        )
+    if len(files) != 2:
+        raise ValueError(f"--vqav2 takes QUESTIONS.json ANNOTATIONS.json, got {len(files)} files")
+    return from_vqav2(files[0], files[1], images)
+
+
+#: The sources, by flag (``--coco-karpathy``: ``coco_karpathy``).
+SOURCES: dict[str, Source] = {
+    "captions": Source(lambda value, images: from_image_folder(images, value)),
+    "coco": Source(lambda value, images: from_coco_captions(value, images)),
+    "vqa": Source(lambda value, images: from_vqa(value, images)),
+    "llava": Source(from_llava),
+    "vqav2": Source(_vqav2),
+    "coco_karpathy": Source(from_karpathy, ("splits",)),
+    "obelics": Source(from_obelics, ("url_map",)),
+    "mmc4": Source(from_mmc4, ("url_map",)),
+}
+
+
+#: The options some sources take, and their flags.
+OPTION_FLAGS = {"splits": "--split", "url_map": "--url-map"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def write(
     *,
     out: str,
     images: str,
-    captions: str | None = None,
-    coco: str | None = None,
-    vqa: str | None = None,
     prefix: str = "shard",
     samples_per_shard: int = 1000,
     num_shards: int | None = None,
+    splits: list[str] | None = None,
+    url_map: str | None = None,
+    **sources: Any,
 ) -> dict:
-    """Writes shards from exactly one source: captions (JSONL/CSV), COCO captions or VQA JSON."""
-    sources = [s for s in (captions, coco, vqa) if s]
-    if len(sources) != 1:
-        raise ValueError("give exactly one of --captions, --coco, --vqa")
-    if captions:
-        records = list(from_image_folder(images, captions))
-    elif coco:
-        records = list(from_coco_captions(coco, images))
-    else:
-        records = list(from_vqa(vqa, images))
+    """Writes shards from exactly one source, given as ``flag_name=value`` (see
+    :data:`SOURCES`: ``captions=``, ``llava=``, ``vqav2=[questions, annotations]``, ...).
+
+    Args:
+        splits: for ``coco_karpathy``: the splits to write (each may be comma-separated).
+        url_map: for ``obelics`` / ``mmc4``: img2dataset's table of ``url`` -> ``key``.
+
+    Returns (and prints the report of) the counts: ``written``, ``skipped`` and ``left_out``
+    by reason, per kind of part (``parts``: ``questions``, ``images``) the same, and ``shards``.
+    """
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown source(s) {sorted(unknown)}; sources are {', '.join(SOURCES)}")
+    given = {name: value for name, value in sources.items() if value}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(_flag(name) for name in SOURCES)}")
+    ((name, value),) = given.items()
+    source = SOURCES[name]
+    options = {"splits": [s for v in splits or [] for s in v.split(",") if s] or None, "url_map": url_map}
+    for option, setting in options.items():
+        if setting and option not in source.options:
+            raise ValueError(f"{OPTION_FLAGS[option]} does not go with {_flag(name)}")
+    records: Iterable = source.read(value, images, **{k: options[k] for k in source.options})
+    total = None
+    if num_shards is not None:  # spreading over a number of shards needs the count first
+        records = list(records)
+        total = sum(not isinstance(r, Drop) for r in records)
     summary = write_shards(
-        records,
-        out,
-        prefix=prefix,
-        samples_per_shard=samples_per_shard,
-        num_shards=num_shards,
-        total=len(records),
+        records, out, prefix=prefix, samples_per_shard=samples_per_shard, num_shards=num_shards, total=total
     )
     print(summary.report())
-    return {"written": summary.written, "skipped": dict(summary.skipped), "shards": summary.shards}
+    return {
+        "written": summary.written,
+        "skipped": dict(summary.skipped),
+        "left_out": dict(summary.left_out),
+        "parts": {
+            unit: {"written": c.written, "samples": c.samples, "skipped": dict(c.skipped)}
+            for unit, c in summary.parts.items()
+        },
+        "shards": summary.shards,
+    }

@@ -8,6 +8,13 @@ A shard holds ``KEY.<ext>`` (the original image bytes, never re-encoded; ``KEY.0
 goes, in reading order.
 Every image is decoded once before it is written, with the same decoding as training, so a
 shard set holds only samples a run can use; what was skipped, and why, is in the summary.
+
+Importers (here for plain caption / COCO / VQA files, ``data.importers`` for LLaVA, VQAv2,
+Karpathy, OBELICS and MMC4) yield a ``Record`` or a ``Skip`` for every input record, so the
+counts add up: records read = written + skipped (by reason) + left out (not asked for). Where
+a sample holds countable parts (the questions of a VQAv2 image, the images of a document), the
+importer says how many and yields a ``Drop`` for each part it could not keep, so those add up
+too.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class Record:
     text: dict[str, Any]
     name: str = ""  # where it came from, for the summary
     ext: str = ""  # image extension when an image is bytes
+    parts: dict[str, int] = field(default_factory=dict)  # what it holds, e.g. {"questions": 3}
 
     @property
     def images(self) -> list[ImageSource]:
@@ -48,29 +56,112 @@ class Record:
 
 @dataclass
 class Skip:
-    """A sample the writer could not use."""
+    """A sample the writer could not use, and the parts it held (lost with it)."""
 
+    reason: str
+    name: str
+    parts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Drop:
+    """One part of a sample left out while the rest is written (a question without answers, an
+    image whose file was not found); ``unit`` names the part: ``"questions"``, ``"images"``."""
+
+    unit: str
     reason: str
     name: str
 
 
 @dataclass
+class LeftOut:
+    """A record the user did not ask for (another split): counted apart, never a skip."""
+
+    reason: str
+    name: str
+
+
+EXAMPLES = 3  # names kept per reason, for the summary
+
+
+@dataclass
+class PartCounts:
+    """What became of one kind of part: written (in how many samples), or skipped by reason."""
+
+    written: int = 0
+    samples: int = 0  # written samples holding at least one
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def read(self) -> int:
+        return self.written + self.skipped.total()
+
+    def skip(self, reason: str, name: str, count: int = 1) -> None:
+        self.skipped[reason] += count
+        _remember(self.examples[reason], name)
+
+    def line(self, unit: str) -> str:
+        """``"questions: 12 read, 9 written in 3 sample(s), 3 skipped: missing_answers 3 (e.g. ...)"``."""
+        text = f"{unit}: {self.read} read, {self.written} written in {self.samples} sample(s)"
+        if not self.skipped:
+            return text
+        reasons = ", ".join(
+            f"{reason} {n} (e.g. {', '.join(self.examples[reason])})"
+            for reason, n in sorted(self.skipped.items())
+        )
+        return f"{text}, {self.skipped.total()} skipped: {reasons}"
+
+
+@dataclass
 class WriteSummary:
+    """What a write did with every record: written, skipped (by reason) or left out; and, per
+    kind of part (``parts``), what became of each part."""
+
     written: int = 0
     shards: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    left_out: Counter = field(default_factory=Counter)
+    left_out_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    parts: dict[str, PartCounts] = field(default_factory=lambda: defaultdict(PartCounts))
 
-    def skip(self, reason: str, name: str) -> None:
+    @property
+    def read(self) -> int:
+        """Records read: written + skipped + left out."""
+        return self.written + self.skipped.total() + self.left_out.total()
+
+    def skip(self, reason: str, name: str, parts: dict[str, int] | None = None) -> None:
         self.skipped[reason] += 1
-        if len(self.examples[reason]) < 3:
-            self.examples[reason].append(name)
+        _remember(self.examples[reason], name)
+        for unit, count in (parts or {}).items():
+            if count:
+                self.parts[unit].skip(reason, name, count)
+
+    def wrote(self, parts: dict[str, int]) -> None:
+        self.written += 1
+        for unit, count in parts.items():
+            self.parts[unit].written += count
+            self.parts[unit].samples += count > 0
+
+    def leave_out(self, reason: str, name: str) -> None:
+        self.left_out[reason] += 1
+        _remember(self.left_out_examples[reason], name)
 
     def report(self) -> str:
-        lines = [f"wrote {self.written} samples in {len(self.shards)} shard(s)"]
+        lines = [f"wrote {self.written} samples in {len(self.shards)} shard(s) from {self.read} records"]
         for reason, count in sorted(self.skipped.items()):
             lines.append(f"skipped {count} ({reason}), e.g. {', '.join(self.examples[reason])}")
+        for reason, count in sorted(self.left_out.items()):
+            examples = ", ".join(self.left_out_examples[reason])
+            lines.append(f"left out {count} ({reason}, not asked for), e.g. {examples}")
+        lines += [self.parts[unit].line(unit) for unit in sorted(self.parts)]
         return "\n".join(lines)
+
+
+def _remember(examples: list[str], name: str) -> None:
+    if len(examples) < EXAMPLES:
+        examples.append(name)
 
 
 class _Shards:
@@ -112,7 +203,7 @@ class _Shards:
 
 
 def write_shards(
-    records: Iterable[Record | Skip],
+    records: Iterable[Record | Skip | Drop | LeftOut],
     out_dir: str | Path,
     *,
     prefix: str = "shard",
@@ -129,7 +220,7 @@ def write_shards(
         samples_per_shard: samples per shard (the last may hold fewer).
         num_shards: spread the samples over this many shards instead (needs ``total``).
         max_shard_bytes: start a new shard before one grows past this size.
-        total: number of records, for the progress bar and ``num_shards``.
+        total: number of records (``Drop``s aside), for the progress bar and ``num_shards``.
         check_images: decode each image first and skip those training could not use.
     """
     out_dir = Path(out_dir)
@@ -140,10 +231,18 @@ def write_shards(
         samples_per_shard = math.ceil(total / num_shards)
     shards = _Shards(out_dir, prefix, samples_per_shard, max_shard_bytes)
     summary = WriteSummary()
+    progress = tqdm(total=total, desc=desc, unit="record")
     try:
-        for record in tqdm(records, total=total, desc=desc, unit="sample"):
+        for record in records:
+            if isinstance(record, Drop):  # part of a sample: its record comes too
+                summary.parts[record.unit].skip(record.reason, record.name)
+                continue
+            progress.update()
+            if isinstance(record, LeftOut):
+                summary.leave_out(record.reason, record.name)
+                continue
             if isinstance(record, Skip):
-                summary.skip(record.reason, record.name)
+                summary.skip(record.reason, record.name, record.parts)
                 continue
             try:
                 images = [_image_bytes(image, record.ext) for image in record.images]
@@ -151,7 +250,7 @@ def write_shards(
                     for data, _ in images:
                         decode_image(data)
             except BadSample as bad:
-                summary.skip(bad.reason, record.name)
+                summary.skip(bad.reason, record.name, record.parts)
                 continue
             text = json.dumps(record.text, ensure_ascii=False).encode()
             sample = {"__key__": f"{summary.written:09d}", "json": text}
@@ -160,10 +259,12 @@ def write_shards(
             else:  # KEY.0.jpg, KEY.1.png, ...: read back in this order
                 sample.update((f"{i}.{ext}", data) for i, (data, ext) in enumerate(images))
             shards.write(sample, sum(len(data) for data, _ in images) + len(text))
-            summary.written += 1
+            summary.wrote(record.parts)
     except BaseException:
         shards.abort()
         raise
+    finally:
+        progress.close()
     shards.close()
     summary.shards = shards.done
     return summary
@@ -187,7 +288,7 @@ def _caption_text(row: dict[str, Any]) -> dict[str, Any] | None:
     return {"caption": captions[0]} if len(captions) == 1 else {"captions": captions}
 
 
-def _rows(path: Path) -> Iterator[dict[str, Any]]:
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a JSONL, CSV or JSON-list file."""
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
@@ -205,7 +306,7 @@ def from_image_folder(images: str | Path, captions: str | Path) -> Iterator[Reco
     """Records from an image folder and a JSONL / CSV / JSON list of ``{"image", "caption"}``
     rows (``"captions"``: a list also works); image paths are relative to ``images``."""
     images = Path(images)
-    for i, row in enumerate(_rows(Path(captions))):
+    for i, row in enumerate(read_rows(Path(captions))):
         name = str(row.get("image") or f"row {i}")
         text = _caption_text(row)
         if not row.get("image"):
@@ -234,7 +335,7 @@ def from_coco_captions(annotations: str | Path, images: str | Path) -> Iterator[
 def from_vqa(questions: str | Path, images: str | Path) -> Iterator[Record | Skip]:
     """Records from a VQA file: a JSON list or JSONL of ``{"image", "question", "answers"}``
     (``"answer"``: a single string also works)."""
-    for i, row in enumerate(_rows(Path(questions))):
+    for i, row in enumerate(read_rows(Path(questions))):
         name = str(row.get("image") or f"row {i}")
         answers = row.get("answers") or ([row["answer"]] if row.get("answer") else [])
         answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
