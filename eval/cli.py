@@ -10,8 +10,17 @@ from tqdm import tqdm
 
 from vlm.data.decode import DecodeStats
 from vlm.eval import bench, bench_convert, bench_options
-from vlm.eval.evaluate import evaluate, score_file
-from vlm.eval.predict import InputError, Predictor, batched, check_model_dir, plan_inputs, read_sources
+from vlm.eval.chat import chat_loop
+from vlm.eval.evaluate import evaluate, evaluate_shots, score_file
+from vlm.eval.predict import (
+    InputError,
+    Predictor,
+    batched,
+    check_model_dir,
+    plan_inputs,
+    read_sources,
+    read_support,
+)
 from vlm.generate import GenerationConfig
 from vlm.subcommand import add_subcommand
 
@@ -27,6 +36,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         )
         if task == "vqa":
             sub.add_argument("--question", required=True, help="the question to ask about every image")
+        sub.add_argument(
+            "--support",
+            help="few-shot: JSONL of {image, answer"
+            + (", question" if task == "vqa" else "")
+            + "} examples placed before every query (images relative to the file)",
+        )
+        sub.add_argument(
+            "--shots", type=int, default=None, help="use the first K support examples (default: all)"
+        )
         sub.add_argument("--out", default=None, help="JSONL file to write (default: print to stdout)")
         sub.add_argument("--batch-size", type=int, default=16)
         sub.add_argument("--max-new-tokens", type=int, default=32)
@@ -41,8 +59,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", help="shards to evaluate on")
     ev.add_argument("--predictions", help="JSONL of {prediction, references | answers} from any model")
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
+    ev.add_argument(
+        "--shots",
+        type=_int_list,
+        default=None,
+        help="few-shot: numbers of support examples, e.g. 0,1,2,4 (a report for each)",
+    )
+    ev.add_argument("--support", help="shards the support examples are drawn from (another split)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the support draws")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_eval)
+
+    chat = add_subcommand(commands, "chat", help="talk with a trained model about images, in the terminal")
+    chat.add_argument("images", nargs="*", help="images that go with your first message")
+    chat.add_argument(
+        "--model", required=True, help="a model directory (from `vlm train` or save_pretrained)"
+    )
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--device", default="auto")
+    chat.set_defaults(func=_chat)
 
     parser = add_subcommand(
         commands, "bench", help="time vlm against transformers' LLaVA, BLIP-2 and IDEFICS"
@@ -65,6 +100,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_bench)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0,1,2,4, got {text!r}") from err
+
+
 def finish(command: str, done: int, what: str, stats: DecodeStats) -> int:
     """Reports what was skipped and picks the exit code: 0 when every input was read, 1 when
     some were skipped, 2 (an ``InputError``) when nothing could be read."""
@@ -83,6 +125,7 @@ def _predict(args: argparse.Namespace) -> int:
     sources = plan_inputs(args.images, stats)  # before the model loads: nothing there fails fast
     if not sources:
         return finish(args.command, 0, "answered", stats)
+    shots = read_support(args.support)[: args.shots] if args.support else []
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     predictor = Predictor(args.model, device=args.device, generation=generation)
     question = getattr(args, "question", None)
@@ -92,7 +135,9 @@ def _predict(args: argparse.Namespace) -> int:
         with tqdm(desc=args.command, unit="image", disable=args.out is None) as bar:
             for chunk in batched(read_sources(sources, stats), args.batch_size):
                 questions = [question] * len(chunk) if question else None
-                texts = predictor.predict([i.image for i in chunk], args.command, questions)
+                texts = predictor.predict(
+                    [i.image for i in chunk], args.command, questions, support=[shots] * len(chunk)
+                )
                 for item, text in zip(chunk, texts):
                     record = {
                         "image": item.name,
@@ -113,6 +158,24 @@ def _eval(args: argparse.Namespace) -> int:
     if args.predictions:
         metrics = score_file(args.predictions, args.task, args.out)
         code = 0
+    elif args.model and args.data and args.shots is not None:
+        check_model_dir(args.model)
+        metrics = evaluate_shots(
+            args.model,
+            args.data,
+            args.task,
+            args.out,
+            shots=args.shots,
+            support=args.support,
+            limit=args.limit,
+            device=args.device,
+            seed=args.seed,
+        )
+        key = "vqa_accuracy" if args.task == "vqa" else "cider"
+        for k, shot_metrics in metrics["shots"].items():
+            print(f"{k}-shot {key}: {shot_metrics[key]:.4f}")
+        print(f"wrote {args.out}/metrics.json")
+        return 0
     elif args.model and args.data:
         check_model_dir(args.model)
         run = evaluate(args.model, args.data, args.task, args.out, limit=args.limit, device=args.device)
@@ -123,6 +186,14 @@ def _eval(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     print(f"wrote {args.out}/metrics.json")
     return code
+
+
+def _chat(args: argparse.Namespace) -> int:
+    check_model_dir(args.model)
+    predictor = Predictor(
+        args.model, device=args.device, generation=GenerationConfig(max_new_tokens=args.max_new_tokens)
+    )
+    return chat_loop(predictor, args.images)
 
 
 def _bench(args: argparse.Namespace) -> int:

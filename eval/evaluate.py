@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from vlm.data.decode import DecodeStats
 from vlm.data.loader import task_examples
 from vlm.eval.captions import caption_metrics
 from vlm.eval.gallery import write_gallery
-from vlm.eval.predict import InputError, Predictor, batched, read_inputs
+from vlm.eval.predict import InputError, Predictor, Shot, batched, read_inputs
 from vlm.eval.vqa import vqa_accuracy, vqa_score
 
 TASKS = ("caption", "vqa")
@@ -88,6 +89,9 @@ def evaluate(
     device: str = "auto",
     group: Callable[[dict], str] | None = None,
     predictor: Predictor | None = None,
+    shots: int = 0,
+    support: Sequence[Shot] = (),
+    seed: int = 0,
 ) -> Evaluation:
     """Predicts on every example of ``data`` for ``task``; writes ``predictions.jsonl`` (as it
     goes, so an interrupted run keeps its predictions), ``metrics.json`` and ``gallery.html`` to
@@ -97,9 +101,16 @@ def evaluate(
         limit: evaluate at most this many examples.
         group: names a group for each sample's text; metrics are also given per group.
         predictor: a loaded model to reuse (otherwise ``model_dir`` is loaded).
+        shots, support, seed: few-shot prompting: each query gets ``shots`` examples drawn
+            from ``support`` (see :func:`support_examples`) by a generator seeded with
+            ``(seed, shots, query number)``, so every run draws the same ones.
     """
     if task not in TASKS:
         raise InputError(f"--task must be one of {TASKS}, got {task!r}")
+    if shots and len(support) < shots:
+        raise InputError(
+            f"{shots}-shot evaluation needs at least {shots} support examples, got {len(support)}"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = predictor or Predictor(model_dir, device=device)
@@ -112,7 +123,15 @@ def evaluate(
         for chunk in batched(examples, batch_size):
             if limit is not None:
                 chunk = chunk[: limit - len(records)]
-            texts = predictor.predict([e["image"] for e in chunk], task, [e.get("question") for e in chunk])
+            drawn = [
+                random.Random(f"{seed}:{shots}:{len(records) + i}").sample(list(support), shots)
+                if shots
+                else []
+                for i in range(len(chunk))
+            ]
+            texts = predictor.predict(
+                [e["image"] for e in chunk], task, [e.get("question") for e in chunk], support=drawn
+            )
             for example, prediction in zip(chunk, texts):
                 record = {k: example.get(k) for k in ("name", "question", "references", "answers", "group")}
                 record = {k: v for k, v in record.items() if v is not None}
@@ -135,6 +154,58 @@ def evaluate(
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
     write_gallery(out_dir / "gallery.html", f"{task} on {data}", shown, headline)
     return Evaluation(metrics, records, shown, inputs)
+
+
+def support_examples(data: str, task: str, *, limit: int = 1000) -> list[Shot]:
+    """Up to ``limit`` examples of ``task`` in ``data`` (shards, images...), the pool few-shot
+    support examples are drawn from; as open_flamingo does, from another split than the queries."""
+    pool: list[Shot] = []
+    items = read_inputs([data])
+    for item in items:
+        for example in task_examples(item.text, [task]):
+            pool.append(Shot(item.image, example["answer"], example.get("question")))
+        if len(pool) >= limit:
+            break
+    items.close()
+    if not pool:
+        raise InputError(f"{data} holds no {task} examples to draw support examples from")
+    return pool[:limit]
+
+
+def evaluate_shots(
+    model_dir: str,
+    data: str,
+    task: str,
+    out_dir: str | Path,
+    *,
+    shots: Sequence[int],
+    support: str | None,
+    predictor: Predictor | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate` at each number of support examples in ``shots`` (``out_dir/K-shot/``);
+    writes and returns ``{"shots": {"K": metrics}}`` (``out_dir/metrics.json``)."""
+    if any(k < 0 for k in shots):
+        raise InputError(f"--shots must be >= 0, got {list(shots)}")
+    if any(shots) and not support:
+        raise InputError("few-shot evaluation needs --support SHARDS (a split other than --data)")
+    predictor = predictor or Predictor(model_dir, device=options.pop("device", "auto"))
+    pool = support_examples(support, task) if any(shots) else []
+    metrics: dict[str, Any] = {"shots": {}}
+    for k in shots:
+        run = evaluate(
+            model_dir,
+            data,
+            task,
+            Path(out_dir) / f"{k}-shot",
+            predictor=predictor,
+            shots=k,
+            support=pool,
+            **options,
+        )
+        metrics["shots"][str(k)] = run.metrics
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
 def score_file(predictions: str, task: str, out_dir: str | Path) -> dict[str, Any]:

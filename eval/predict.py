@@ -1,10 +1,11 @@
-"""Captioning and VQA with a trained model: images, folders or shards in, texts out."""
+"""Captioning, VQA, few-shot prompts and chat with a trained model: images in, texts out."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from vlm.data.pipeline import ImageTextShards
 from vlm.data.transforms import encoder_transform
 from vlm.generate import GenerationConfig, generate
 from vlm.hub import from_pretrained
-from vlm.processor import Processor
+from vlm.processor import IMAGE_TOKEN, Processor
 from vlm.schema import ConfigError
 from vlm.weights import load_tokenizer
 
@@ -35,6 +36,40 @@ class Item:
     name: str
     image: Image.Image
     text: dict[str, Any]
+
+
+@dataclass
+class Shot:
+    """A support example for few-shot prompting: an image, the answer, and for VQA its question."""
+
+    image: Image.Image
+    answer: str
+    question: str | None = None
+
+
+class _TextStream:
+    """Turns generation's tokens (one row) into the new text each step adds, for ``on_text``.
+    The whole reply is decoded every step, so pieces that only make sense together (bytes of one
+    character, a word's pieces) come out right."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop: set[int]):
+        self.tokenizer, self.on_text, self.stop = tokenizer, on_text, stop
+        self.ids: list[int] = []
+        self.shown = ""
+        self.done = False
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        token = int(tokens[0])
+        if self.done or token in self.stop:
+            self.done = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):  # a character cut in its middle: wait for the rest
+            return
+        if text[len(self.shown) :]:
+            self.on_text(text[len(self.shown) :])
+        self.shown = text
 
 
 def _device(name: str) -> torch.device:
@@ -56,6 +91,7 @@ class Predictor:
         self, model_dir: str | Path, *, device: str = "auto", generation: GenerationConfig | None = None
     ):
         self.device = _device(device)
+        self.model_dir = Path(model_dir)
         self.model = from_pretrained(model_dir).to(self.device).eval()
         self.tokenizer = load_tokenizer(model_dir)
         settings = self.model.config.processor  # what the model was trained with
@@ -70,22 +106,151 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def predict(self, images: list[Image.Image], task: str, questions: list[str] | None = None) -> list[str]:
-        """One text per image: its caption, or the answer to its question."""
+    def predict(
+        self,
+        images: list[Image.Image],
+        task: str,
+        questions: list[str] | None = None,
+        support: Sequence[Sequence[Shot]] | None = None,
+    ) -> list[str]:
+        """One text per image: its caption, or the answer to its question.
+
+        ``support``: for each image, the few-shot examples placed before it in its prompt
+        (``Processor.prompt_ids``); the same number for every image keeps batches even.
+        """
         questions = questions or [None] * len(images)
-        encoded = [self.processor.encode(task, question=q) for q in questions]
-        if any(e is None for e in encoded):
-            raise InputError(f"a prompt is longer than max_length={self.processor.max_length}")
-        batch = self.processor.pad(encoded, side="left")
-        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+        support = support or [()] * len(images)
+        if not len(images) == len(questions) == len(support):
+            raise InputError("give one question and one support list per image")
+        prompts, pixels = [], []
+        for image, question, shots in zip(images, questions, support):
+            pairs = [(shot.question, shot.answer) for shot in shots]
+            prompts.append(self.processor.prompt_ids(task, question=question, support=pairs))
+            pixels += [shot.image for shot in shots] + [image]
+        return self._generate(prompts, pixels)
+
+    @torch.no_grad()
+    def chat(
+        self, messages: Sequence[dict[str, Any]], *, on_text: Callable[[str], None] | None = None
+    ) -> str:
+        """The assistant's next reply to a conversation.
+
+        ``messages`` take transformers' chat format: ``{"role", "content"}`` where content is a
+        string, or a list of parts ``{"type": "text", "text": ...}`` and ``{"type": "image",
+        "image": PIL image or path}``; a history keeps its images where they were asked about.
+        ``on_text`` receives the reply piece by piece as it is generated.
+        """
+        texts, images = conversation_inputs(messages)
+        prompt = self.processor.messages_prompt_ids(texts)
+        streamer = None
+        if on_text is not None:
+            streamer = _TextStream(self.tokenizer, on_text, set(_ids(self.generation.eos_token_id)))
+        return self._generate([prompt], images, streamer=streamer)[0]
+
+    @torch.no_grad()
+    def complete(self, images: list[Image.Image], document: str) -> str:
+        """What follows an interleaved document (``<image>`` where each of ``images`` goes): a
+        Flamingo-style few-shot prompt such as ``"<image>red<image>blue<image>"``."""
+        if document.count(IMAGE_TOKEN) != len(images):
+            raise InputError(
+                f"the document has {document.count(IMAGE_TOKEN)} <image> marker(s) for {len(images)} image(s)"
+            )
+        return self._generate([self.processor.document_prompt_ids(document)], images)[0]
+
+    def _generate(self, prompts: list[list[int]], images: list[Image.Image], streamer=None) -> list[str]:
+        too_long = max(len(p) for p in prompts)
+        if too_long > self.processor.max_length:
+            raise InputError(
+                f"a prompt of {too_long} tokens is longer than max_length={self.processor.max_length}"
+            )
+        batch = self.processor.pad([{"input_ids": p} for p in prompts], side="left")
+        pixels = torch.stack([self.transform(image) for image in images]).to(self.device) if images else None
         new = generate(
             self.model,
             batch["input_ids"].to(self.device),
             batch["attention_mask"].to(self.device),
             pixels,
             self.generation,
+            streamer=streamer,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def conversation_inputs(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], list[Image.Image]]:
+    """Chat messages in transformers' format to vlm's (``<image>`` markers in string contents)
+    and their images in reading order. Raises ``InputError`` on unknown roles or parts."""
+    texts, images = [], []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise InputError(f"message {i}: unknown role {role!r}; roles are system, user, assistant")
+        if isinstance(content, str):
+            if IMAGE_TOKEN in content:
+                raise InputError(
+                    f"message {i}: give images as {{'type': 'image'}} parts, not {IMAGE_TOKEN} in text"
+                )
+            texts.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise InputError(f"message {i}: content must be a string or a list of parts")
+        text = ""
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text += str(part.get("text", ""))
+            elif kind == "image":
+                images.append(_part_image(part, i))
+                text += IMAGE_TOKEN + "\n"
+            else:
+                raise InputError(f"message {i}: unknown part type {kind!r}; parts are 'text' and 'image'")
+        texts.append({"role": role, "content": text})
+    return texts, images
+
+
+def _part_image(part: dict[str, Any], message: int) -> Image.Image:
+    image = part.get("image", part.get("path"))
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    raise InputError(f"message {message}: an image part needs 'image' (a PIL image or a path)")
+
+
+def read_support(path: str | Path) -> list[Shot]:
+    """Support examples from a JSONL file (or a JSON list) of ``{"image", "answer", "question"
+    (for VQA)}``; image paths are relative to the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--support {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
+    except json.JSONDecodeError as err:
+        raise InputError(f"--support {path}: not JSON or JSONL ({err.msg})") from err
+    shots = []
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not row.get("image") or not isinstance(row.get("answer"), str):
+            raise InputError(f"--support {path}, example {number}: needs 'image' and 'answer'")
+        shots.append(Shot(load_image(path.parent / row["image"]), row["answer"], row.get("question")))
+    return shots
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file decoded as training decodes it; ``InputError`` naming the file otherwise."""
+    try:
+        return decode_image(Path(path).read_bytes())[0]
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: no such image file") from err
+    except (OSError, BadSample) as err:
+        raise InputError(f"cannot read image {path}: {err}") from err
 
 
 def _is_image_file(path: Path) -> bool:

@@ -8,6 +8,7 @@ sequence every step: the reference the cached path must match.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -188,6 +189,8 @@ def generate(
     attention_mask: Tensor | None = None,
     pixel_values: Tensor | None = None,
     config: GenerationConfig | None = None,
+    *,
+    streamer: Callable[[Tensor], None] | None = None,
     **overrides,
 ) -> Tensor:
     """New tokens ``(B, L)`` after each (left-padded) prompt, padded after EOS.
@@ -197,8 +200,12 @@ def generate(
         input_ids, attention_mask: ``(B, T)`` prompts, padded on the left.
         pixel_values: ``(N_img, 3, H, W)``, the prompts' images in reading order.
         config, overrides: a :class:`GenerationConfig` and/or its fields as keywords.
+        streamer: called with each step's new tokens ``(B,)`` as soon as they are chosen
+            (not with beam search, whose tokens are only known at the end).
     """
     config = replace(config or GenerationConfig(), **overrides)
+    if streamer is not None and config.num_beams > 1:
+        raise ValueError("streaming needs num_beams = 1: beam search picks its tokens at the end")
     if config.cache not in ("dynamic", "static") or (
         config.compile and (config.cache != "static" or not config.use_cache)
     ):
@@ -214,13 +221,15 @@ def generate(
     try:
         if config.num_beams > 1:
             return _beam_search(model, input_ids, attention_mask, pixel_values, config)
-        return _sample(model, input_ids, attention_mask, pixel_values, config)
+        return _sample(model, input_ids, attention_mask, pixel_values, config, streamer)
     finally:
         model.train(was_training)
         model.bridge.release()
 
 
-def _sample(model, input_ids, attention_mask, pixel_values, config: GenerationConfig) -> Tensor:
+def _sample(
+    model, input_ids, attention_mask, pixel_values, config: GenerationConfig, streamer=None
+) -> Tensor:
     steps = _Steps(model, input_ids, attention_mask, pixel_values, config)
     eos = _eos(config, input_ids.device)
     generator = None
@@ -237,6 +246,8 @@ def _sample(model, input_ids, attention_mask, pixel_values, config: GenerationCo
             tokens = logits.argmax(-1)
         tokens = tokens.masked_fill(finished, config.pad_token_id)
         new.append(tokens)
+        if streamer is not None:
+            streamer(tokens)
         finished |= torch.isin(tokens, eos)
         if finished.all() or step == config.max_new_tokens - 1:
             break
