@@ -5,6 +5,17 @@ Each image holds 1-3 shapes, one per column (left / center / right), never two i
 can learn it in minutes. A few colour-shape pairs (``HELD_OUT``) never occur in the train split
 but do occur in val and test, to measure compositional generalisation.
 
+Beside the caption / QA shards, the set holds the two other kinds of data the model families
+train on, each in the form people bring it:
+
+- LLaVA JSON files and an image folder: captions for pretraining (``plain``) and multi-turn
+  conversations whose later turns refer back to an earlier answer ("what is on the left?",
+  then "what color is it?"). They are turned into shards by the LLaVA importer, as a user's
+  files would be.
+- Interleaved few-shot documents: single-shape images, each followed by its answer for one
+  attribute (colour, shape or column) that the document never names; only the examples
+  before a query tell which attribute is asked.
+
 Every sample is a pure function of ``(seed, split, index)``: ``generate`` can rebuild any sample
 of any split without generating the ones before it.
 
@@ -31,10 +42,12 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from vlm.data.importers import from_llava
 from vlm.data.writers import Record, encode_png, write_shards
+from vlm.processor import IMAGE_TOKEN
 
 #: Bump when the images or texts change, so ``write_shapes`` rebuilds existing shard sets.
-VERSION = 1
+VERSION = 2
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -53,6 +66,20 @@ HELD_OUT: tuple[tuple[str, str], ...] = (("blue", "triangle"), ("yellow", "circl
 
 SPLITS = ("train", "val", "test")
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<image>"]
+
+#: The conversations' later turns: each asks about the object an earlier turn was about.
+FOLLOW_UPS = {"color": "what color is it?", "shape": "what shape is it?", "column": "where is it?"}
+#: The first human turn of the pretraining captions (LLaVA-Pretrain's vary; ``plain`` drops them).
+PRETRAIN_PROMPT = "describe the image briefly"
+#: The attributes a few-shot document may be about, and its number of (image, answer) items.
+ATTRIBUTES = ("color", "shape", "column")
+DOCUMENT_ITEMS = 5
+#: The tokenizer's chat template, in words of its own vocabulary (``user: ... assistant: ...``).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 # How a column is named inside a sentence ("a red circle on the left", "what is in the center?").
 _WHERE = {"left": "on the left", "center": "in the center", "right": "on the right"}
@@ -149,6 +176,48 @@ def qa_for(objects: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"question": q, "answer": a} for q, a in pairs]
 
 
+def _openers(target: dict[str, Any], objects: list[dict[str, Any]]) -> list[tuple[str, str, set[str]]]:
+    """Questions that single out ``target``: (question, answer, the attributes they state)."""
+    unique_shape = sum(o["shape"] == target["shape"] for o in objects) == 1
+    unique_color = sum(o["color"] == target["color"] for o in objects) == 1
+    shape, color, column = target["shape"], target["color"], target["column"]
+    openers = [(f"what is {_WHERE[column]}?", _name(target), {"column"})]  # "it" may ask for more
+    if unique_shape:
+        openers += [
+            (f"where is the {shape}?", column, {"shape", "column"}),
+            (f"what color is the {shape}?", color, {"shape", "color"}),
+        ]
+    if unique_color:
+        openers += [
+            (f"where is the {color} object?", column, {"color", "column"}),
+            (f"what shape is the {color} object?", shape, {"color", "shape"}),
+        ]
+    return openers
+
+
+def conversation_for(objects: list[dict[str, Any]], rng: random.Random) -> list[dict[str, str]]:
+    """A chat (role/content messages, the image at the start of the first user turn) about one
+    or two of the objects: for each, a question that singles it out, then follow-ups about
+    ``it`` whose answers depend on which object the question before was about.
+
+    Returns e.g. ``[user "<image>\\nwhere is the circle?", assistant "left", user "what color
+    is it?", assistant "red"]``.
+    """
+    messages: list[dict[str, str]] = []
+    for target in rng.sample(objects, min(len(objects), rng.randint(1, 2))):
+        question, answer, stated = rng.choice(_openers(target, objects))
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        follow_ups = [a for a in FOLLOW_UPS if a not in stated]
+        rng.shuffle(follow_ups)
+        for attribute in follow_ups[: rng.randint(1, len(follow_ups))]:
+            messages += [
+                {"role": "user", "content": FOLLOW_UPS[attribute]},
+                {"role": "assistant", "content": target[attribute]},
+            ]
+    messages[0]["content"] = f"{IMAGE_TOKEN}\n{messages[0]['content']}"
+    return messages
+
+
 def words(text: str) -> list[str]:
     """The pre-tokenization the tokenizer uses: words, digits and ``,`` ``:`` ``?``."""
     return _TOKEN.findall(text)
@@ -156,7 +225,9 @@ def words(text: str) -> list[str]:
 
 def _all_texts(objects: list[dict[str, Any]]) -> list[str]:
     qa = qa_for(objects)
-    return captions_for(objects) + [p["question"] for p in qa] + [p["answer"] for p in qa]
+    openers = [f"where is the {o['shape']}? where is the {o['color']} object?" for o in objects]
+    texts = captions_for(objects) + [p["question"] for p in qa] + [p["answer"] for p in qa] + openers
+    return texts + list(FOLLOW_UPS.values()) + [PRETRAIN_PROMPT, "user: assistant:"]
 
 
 def vocabulary() -> list[str]:
@@ -186,7 +257,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
     Ids 0-4 are ``<pad> <bos> <eos> <unk> <image>``. Encoding adds no special tokens (the
     training pipeline places ``<bos>`` / ``<eos>`` itself); ``decode(ids, skip_special_tokens=True)``
-    gives back the original text.
+    gives back the original text. Its chat template (``CHAT_TEMPLATE``) renders conversations
+    as ``user: ... assistant: ...<eos>``.
     """
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + vocabulary())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -199,7 +271,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
         [decoders.WordPiece(prefix="##", cleanup=False)]
         + [decoders.Replace(f" {mark}", mark) for mark in ",:?"]
     )
-    return PreTrainedTokenizerFast(
+    tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
         bos_token="<bos>",
@@ -208,6 +280,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
         additional_special_tokens=["<image>"],
         clean_up_tokenization_spaces=False,
     )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def combination(text: dict[str, Any]) -> str:
@@ -280,13 +354,75 @@ def generate(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> 
     return ShapeSample(render(objects, image_size), objects, captions_for(objects), qa_for(objects))
 
 
+@dataclass
+class FewShotDocument:
+    """Single-shape images, each with its answer for ``attribute`` (never written in the text)."""
+
+    images: list[Image.Image]
+    answers: list[str]
+    attribute: str
+
+    @property
+    def text(self) -> dict[str, Any]:
+        document = "".join(f"{IMAGE_TOKEN}{answer}" for answer in self.answers)
+        return {"document": document, "attribute": self.attribute, "answers": self.answers}
+
+
+def fewshot_document(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> FewShotDocument:
+    """The few-shot document ``index`` of ``split``; a pure function of its arguments, like
+    :func:`generate` (train documents never show a ``HELD_OUT`` pair either)."""
+    rng = random.Random(f"{seed}:{split}:document:{index}")
+    attribute = rng.choice(ATTRIBUTES)
+    images, answers = [], []
+    for _ in range(DOCUMENT_ITEMS):
+        column = rng.randrange(3)
+        color, shape = rng.choice(_allowed_combos(split))
+        obj = {
+            "color": color,
+            "shape": shape,
+            "column": COLUMNS[column],
+            "box": _box(rng, column, image_size),
+        }
+        images.append(render([obj], image_size))
+        answers.append(obj[attribute])
+    return FewShotDocument(images, answers, attribute)
+
+
 def _records(split: str, count: int, seed: int, image_size: int):
     for index in range(count):
         sample = generate(split, index, seed=seed, image_size=image_size)
         yield Record(image=encode_png(sample.image), text=sample.text, name=f"{split}/{index}", ext="png")
 
 
-def _arguments(seed: int, sizes: dict[str, int], image_size: int, samples_per_shard: int) -> dict[str, Any]:
+def _document_records(split: str, count: int, seed: int, image_size: int):
+    for index in range(count):
+        document = fewshot_document(split, index, seed=seed, image_size=image_size)
+        images = [encode_png(image) for image in document.images]
+        yield Record(image=images, text=document.text, name=f"documents/{split}/{index}", ext="png")
+
+
+def _llava_rows(split: str, count: int, seed: int, image_size: int, images: Path) -> tuple[list, list]:
+    """Writes ``count`` images of ``split`` into ``images`` and returns the LLaVA-Pretrain style
+    caption records and the LLaVA-Instruct style conversation records about them."""
+    (images / split).mkdir(parents=True, exist_ok=True)
+    pretrain, instruct = [], []
+    for index in range(count):
+        sample = generate(split, index, seed=seed, image_size=image_size)
+        name = f"{split}/{index:06d}.png"
+        sample.image.save(images / name)
+        rng = random.Random(f"{seed}:{split}:chat:{index}")
+        chat = conversation_for(sample.objects, rng)
+        turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in chat]
+        instruct.append({"id": f"{split}-{index:06d}", "image": name, "conversations": turns})
+        caption = [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{PRETRAIN_PROMPT}"},
+            {"from": "gpt", "value": sample.captions[0]},
+        ]
+        pretrain.append({"id": f"{split}-{index:06d}", "image": name, "conversations": caption})
+    return pretrain, instruct
+
+
+def _arguments(seed: int, sizes: dict[str, Any], image_size: int, samples_per_shard: int) -> dict[str, Any]:
     return {
         "version": VERSION,
         "seed": seed,
@@ -307,9 +443,32 @@ def _existing(manifest_path: Path, arguments: dict[str, Any]) -> dict[str, Any] 
     if any(manifest.get(key) != value for key, value in arguments.items()):
         return None
     out_dir = manifest_path.parent
-    files = [out_dir / s for split in SPLITS for s in manifest.get("shards", {}).get(split, [])]
+    files = [out_dir / s for shards in manifest.get("shards", {}).values() for s in shards]
+    files += [out_dir / f for f in manifest.get("llava", {}).values()]
     files.append(out_dir / manifest.get("tokenizer", "tokenizer") / "tokenizer.json")
     return manifest if all(f.is_file() for f in files) else None
+
+
+def _write_set(
+    records, out_dir: Path, set_dir: str, prefix: str, total: int, samples_per_shard: int
+) -> list[str]:
+    """Writes one shard set (replacing any older one there) and returns its shard paths,
+    relative to ``out_dir``."""
+    folder = out_dir / set_dir
+    for old in folder.glob(f"{prefix}-*.tar*"):  # another configuration's shards, or a glob finds them
+        old.unlink()
+    summary = write_shards(
+        records,
+        folder,
+        prefix=prefix,
+        samples_per_shard=samples_per_shard,
+        total=total,
+        desc=f"shapes {set_dir}",
+        check_images=False,  # generated just now: nothing to check
+    )
+    if summary.written != total:  # generated data is all good; anything else is a bug here
+        raise RuntimeError(f"{set_dir}: wrote {summary.written} of {total}\n{summary.report()}")
+    return [Path(s).relative_to(out_dir).as_posix() for s in summary.shards]
 
 
 def write_shapes(
@@ -319,27 +478,48 @@ def write_shapes(
     train: int = 20000,
     val: int = 500,
     test: int = 500,
+    conversations: int | None = None,
+    documents: int | None = None,
     image_size: int = 64,
-    samples_per_shard: int = 2000,
+    samples_per_shard: int = 500,
 ) -> dict[str, Any]:
-    """Writes the shard set, the tokenizer and ``shapes.json``; a no-op if they already exist.
+    """Writes the shard sets, the LLaVA files, the tokenizer and ``shapes.json``; a no-op if
+    they already exist.
 
-    Layout: ``out_dir/{train,val,test}/shapes-<split>-000000.tar ...``, ``out_dir/tokenizer/``
-    and ``out_dir/shapes.json`` (the manifest; written last, so its presence means complete).
+    Layout under ``out_dir``:
+
+    - ``{train,val,test}/shapes-<split>-000000.tar ...``: images with captions and QA;
+    - ``llava/images/<split>/<index>.png``, ``llava/pretrain.json`` (captions, train split) and
+      ``llava/instruct-{train,test}.json`` (conversations): LLaVA's JSON schema;
+    - ``pretrain/`` and ``conversations/{train,test}/``: those files through the LLaVA importer;
+    - ``documents/{train,test}/``: interleaved few-shot documents;
+    - ``tokenizer/`` and ``shapes.json`` (the manifest; written last, so its presence means
+      complete).
 
     Args:
         out_dir: where to write.
         seed: dataset seed.
-        train, val, test: number of samples per split.
+        train, val, test: number of caption / QA samples per split.
+        conversations, documents: train conversations and few-shot documents (default: a
+            third and a tenth of ``train``); their test sets hold ``test`` each.
         image_size: image width and height in pixels.
-        samples_per_shard: samples per tar shard.
+        samples_per_shard: samples per tar shard (small shards interleave the kinds of data
+            when their shards are shuffled together).
 
     Returns:
         The manifest: the arguments, colours, shapes, held-out pairs, vocabulary size, and per
-        split the sample count and shard paths (relative to ``out_dir``).
+        shard set its sample count and shard paths (relative to ``out_dir``).
     """
     out_dir = Path(out_dir)
-    sizes = {"train": train, "val": val, "test": test}
+    conversations = train // 3 if conversations is None else conversations
+    documents = train // 10 if documents is None else documents
+    sizes = {
+        "train": train,
+        "val": val,
+        "test": test,
+        "conversations": {"train": conversations, "test": test},
+        "documents": {"train": documents, "test": test},
+    }
     arguments = _arguments(seed, sizes, image_size, samples_per_shard)
     manifest_path = out_dir / "shapes.json"
     existing = _existing(manifest_path, arguments)
@@ -349,22 +529,44 @@ def write_shapes(
     manifest_path.unlink(missing_ok=True)
 
     counts, shards = {}, {}
-    for split, count in sizes.items():
-        split_dir = out_dir / split
-        # Old shards of another configuration would otherwise be picked up by a glob.
-        for old in split_dir.glob(f"shapes-{split}-*.tar*"):
-            old.unlink()
-        summary = write_shards(
+    for split in SPLITS:
+        count = sizes[split]
+        shards[split] = _write_set(
             _records(split, count, seed, image_size),
-            split_dir,
-            prefix=f"shapes-{split}",
-            samples_per_shard=samples_per_shard,
-            total=count,
-            desc=f"shapes {split}",
-            check_images=False,  # generated in memory just now: nothing to check
+            out_dir,
+            split,
+            f"shapes-{split}",
+            count,
+            samples_per_shard,
         )
-        counts[split] = summary.written
-        shards[split] = [Path(s).relative_to(out_dir).as_posix() for s in summary.shards]
+        counts[split] = count
+    for split, count in sizes["documents"].items():
+        records = _document_records(split, count, seed, image_size)
+        shards[f"documents/{split}"] = _write_set(
+            records, out_dir, f"documents/{split}", f"documents-{split}", count, samples_per_shard
+        )
+        counts[f"documents/{split}"] = count
+
+    # The LLaVA files, then shards from them through the importer a user's files go through.
+    images = out_dir / "llava" / "images"
+    llava = {}
+    for split, count in sizes["conversations"].items():
+        pretrain, instruct = _llava_rows(split, count, seed, image_size, images)
+        files = {"instruct": instruct} | ({"pretrain": pretrain} if split == "train" else {})
+        for kind, rows in files.items():
+            name = f"llava/{kind}.json" if kind == "pretrain" else f"llava/{kind}-{split}.json"
+            (out_dir / name).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+            llava[name.removeprefix("llava/").removesuffix(".json")] = name
+            set_dir = "pretrain" if kind == "pretrain" else f"conversations/{split}"
+            shards[set_dir] = _write_set(
+                from_llava(out_dir / name, images),
+                out_dir,
+                set_dir,
+                set_dir.replace("/", "-"),
+                count,
+                samples_per_shard,
+            )
+            counts[set_dir] = count
     tokenizer().save_pretrained(str(out_dir / "tokenizer"))
 
     manifest = {
@@ -375,6 +577,7 @@ def write_shapes(
         "vocab_size": len(SPECIAL_TOKENS) + len(vocabulary()),
         "counts": counts,
         "shards": shards,
+        "llava": llava,
         "tokenizer": "tokenizer",
     }
     tmp = manifest_path.with_suffix(".json.tmp")
@@ -392,7 +595,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=500)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--samples-per-shard", type=int, default=2000)
+    parser.add_argument("--conversations", type=int, default=None)
+    parser.add_argument("--documents", type=int, default=None)
+    parser.add_argument("--samples-per-shard", type=int, default=500)
     options = vars(parser.parse_args(argv))  # the other dests are write_shapes' keywords
     out_dir = options.pop("out_dir")
     start = time.perf_counter()

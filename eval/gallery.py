@@ -18,7 +18,11 @@ h1 { font-size: 20px; } .metrics { margin-bottom: 20px; color: #444; }
 figure { margin: 0; padding: 10px; border: 1px solid #ddd; border-radius: 8px; background: #fafafa; }
 figure.wrong { border-color: #e0a0a0; background: #fff6f6; } figure.right { border-color: #9fd29f; }
 img { width: 100%; image-rendering: pixelated; border-radius: 4px; }
+.strip { display: flex; gap: 3px; } .strip img { width: calc(20% - 3px); }
 .q { font-weight: 600; margin-top: 6px; } .pred { margin-top: 4px; } .ref { color: #666; font-size: 13px; }
+.history { color: #555; font-size: 12px; margin-top: 4px; } .toggle { margin-bottom: 14px; }
+figure.wrong .pred::after { content: "  ✗"; color: #c03030; font-weight: 600; }
+#mistakes:checked ~ .grid figure:not(.wrong) { display: none; }
 """
 
 
@@ -36,14 +40,22 @@ def thumbnail(image: Image.Image, size: int = 192) -> str:
 def write_gallery(
     path: str | Path, title: str, items: Sequence[dict[str, Any]], metrics: dict[str, Any] | None = None
 ) -> None:
-    """Writes ``items`` (``image`` (PIL, optional), ``prediction``, and ``question``,
-    ``references`` / ``answers``, ``correct`` when known) as a self-contained HTML page."""
+    """Writes ``items`` (``image`` or ``images`` (PIL, optional), ``prediction``, and
+    ``question``, ``history`` (earlier turns), ``references`` / ``answers``, ``correct`` when
+    known) as a self-contained HTML page. Wrong predictions are marked, and a checkbox shows
+    the mistakes only."""
     cards = []
     for item in items:
         verdict = {True: " right", False: " wrong"}.get(item.get("correct"), "")
         parts = [f'<figure class="{verdict.strip()}">']
-        if item.get("image") is not None:
-            parts.append(f'<img src="{thumbnail(item["image"])}" alt="{html.escape(item.get("name", ""))}">')
+        alt = html.escape(item.get("name", ""))
+        if item.get("images"):
+            thumbs = "".join(f'<img src="{thumbnail(im, 96)}" alt="{alt}">' for im in item["images"])
+            parts.append(f'<div class="strip">{thumbs}</div>')
+        elif item.get("image") is not None:
+            parts.append(f'<img src="{thumbnail(item["image"])}" alt="{alt}">')
+        for turn in item.get("history") or []:
+            parts.append(f'<div class="history">{html.escape(turn)}</div>')
         if item.get("question"):
             parts.append(f'<div class="q">Q: {html.escape(item["question"])}</div>')
         parts.append(f'<div class="pred">→ {html.escape(item["prediction"])}</div>')
@@ -57,9 +69,14 @@ def write_gallery(
     if metrics:
         shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         summary = f'<div class="metrics">{html.escape(shown)}</div>'
+    wrong = sum(item.get("correct") is False for item in items)
+    toggle = (
+        f"<input type='checkbox' id='mistakes'><label class='toggle' for='mistakes'> show the "
+        f"mistakes only ({wrong} of {len(items)})</label>"
+    )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{summary}"
-        f"<div class='grid'>{''.join(cards)}</div></body></html>"
+        f"{toggle}<div class='grid'>{''.join(cards)}</div></body></html>"
     )
     Path(path).write_text(page, encoding="utf-8")

@@ -140,22 +140,38 @@ class Predictor:
         "image": PIL image or path}``; a history keeps its images where they were asked about.
         ``on_text`` receives the reply piece by piece as it is generated.
         """
-        texts, images = conversation_inputs(messages)
-        prompt = self.processor.messages_prompt_ids(texts)
         streamer = None
         if on_text is not None:
             streamer = _TextStream(self.tokenizer, on_text, set(_ids(self.generation.eos_token_id)))
-        return self._generate([prompt], images, streamer=streamer)[0]
+        return self.chat_batch([messages], streamer=streamer)[0]
+
+    @torch.no_grad()
+    def chat_batch(self, conversations: Sequence[Sequence[dict[str, Any]]], *, streamer=None) -> list[str]:
+        """The next reply to each conversation, generated together."""
+        prompts, images = [], []
+        for messages in conversations:
+            texts, own = conversation_inputs(messages)
+            prompts.append(self.processor.messages_prompt_ids(texts))
+            images += own
+        return self._generate(prompts, images, streamer=streamer)
 
     @torch.no_grad()
     def complete(self, images: list[Image.Image], document: str) -> str:
         """What follows an interleaved document (``<image>`` where each of ``images`` goes): a
         Flamingo-style few-shot prompt such as ``"<image>red<image>blue<image>"``."""
-        if document.count(IMAGE_TOKEN) != len(images):
-            raise InputError(
-                f"the document has {document.count(IMAGE_TOKEN)} <image> marker(s) for {len(images)} image(s)"
-            )
-        return self._generate([self.processor.document_prompt_ids(document)], images)[0]
+        return self.complete_batch([(images, document)])[0]
+
+    @torch.no_grad()
+    def complete_batch(self, documents: Sequence[tuple[list[Image.Image], str]]) -> list[str]:
+        """:meth:`complete` for several documents, generated together."""
+        prompts, pixels = [], []
+        for images, document in documents:
+            markers = document.count(IMAGE_TOKEN)
+            if markers != len(images):
+                raise InputError(f"the document has {markers} <image> marker(s) for {len(images)} image(s)")
+            prompts.append(self.processor.document_prompt_ids(document))
+            pixels += images
+        return self._generate(prompts, pixels)
 
     def _generate(self, prompts: list[list[int]], images: list[Image.Image], streamer=None) -> list[str]:
         too_long = max(len(p) for p in prompts)

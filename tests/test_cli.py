@@ -309,5 +309,10 @@ def test_data_shapes_command(tmp_path, capsys):
         capsys,
     )
     manifest = json.loads((tmp_path / "s" / "shapes.json").read_text())
-    assert code == 0 and manifest["counts"] == {"train": 8, "val": 2, "test": 2}
+    assert code == 0 and {k: manifest["counts"][k] for k in ("train", "val", "test")} == {
+        "train": 8,
+        "val": 2,
+        "test": 2,
+    }
+    assert manifest["counts"]["conversations/train"] == 2 and manifest["counts"]["documents/test"] == 2
     assert json.loads(out.splitlines()[-1])["counts"]["train"] == 8

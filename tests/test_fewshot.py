@@ -11,7 +11,9 @@ from saved import save_tiny_model
 from test_cli import run
 from test_packing import tiny_model
 
+from vlm.eval.conversation import conversation_accuracy
 from vlm.eval.evaluate import evaluate_shots
+from vlm.eval.fewshot import fewshot_accuracy
 from vlm.eval.predict import InputError, Predictor, Shot
 from vlm.generate import generate
 
@@ -130,3 +132,40 @@ def test_vqa_and_eval_commands_take_support_examples(predictor, shapes_dir, tmp_
         capsys,
     )
     assert code == 0 and "0-shot vqa_accuracy" in out and "1-shot vqa_accuracy" in out
+
+
+def test_conversations_are_evaluated_with_the_models_own_replies(predictor, shapes_dir):
+    metrics, records = conversation_accuracy(predictor, str(shapes_dir / "conversations" / "test"))
+    assert metrics["conversations"] == 8 and metrics["turns"] == sum(r["turn"] > 1 for r in records)
+    dependent = [r for r in records if r["depends"]]
+    assert metrics["conversation_accuracy"] == sum(r["correct"] for r in dependent) / len(dependent)
+    # The second turn was asked after the model's own first reply, with the image in turn one.
+    first, second = (
+        next(r for r in records if r["name"] == records[0]["name"] and r["turn"] == t) for t in (1, 2)
+    )
+    assert second["history"][-1] == f"assistant: {first['prediction']}"
+    history = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": first["image"]},
+                {"type": "text", "text": first["question"]},
+            ],
+        },
+        {"role": "assistant", "content": first["prediction"]},
+        {"role": "user", "content": second["question"]},
+    ]
+    assert predictor.chat(history) == second["prediction"]
+
+
+def test_few_shot_documents_put_the_k_examples_before_the_query(predictor, shapes_dir):
+    metrics, records = fewshot_accuracy(predictor, str(shapes_dir / "documents" / "test"), shots=(0, 1, 4))
+    assert sorted(metrics["fewshot_accuracy"]) == ["0", "1", "4"] and metrics["documents"] == 8
+    for k in (0, 1, 4):
+        at_k = [r for r in records if r["shots"] == k]
+        assert len(at_k) == 8 and all(r["prompt"].count("<image>") == k + 1 == len(r["images"]) for r in at_k)
+        assert metrics["fewshot_accuracy"][str(k)] == sum(r["correct"] for r in at_k) / 8
+    record = next(r for r in records if r["shots"] == 4)
+    assert predictor.complete(record["images"], record["prompt"]) == record["prediction"]
+    with pytest.raises(InputError, match="no documents"):
+        fewshot_accuracy(predictor, str(shapes_dir / "test"))

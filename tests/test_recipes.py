@@ -43,13 +43,18 @@ def base(tmp_path_factory, tiny_clip):
     return root
 
 
+#: The shapes set's shards in the form each recipe reads: LLaVA's conversations come from the
+#: LLaVA JSON files through the importer; Flamingo reads interleaved documents.
+TRAIN = {"llava_stage1": "pretrain", "llava_stage2": "conversations/train", "flamingo": "documents/train"}
+
+
 def overrides(name, base, shapes_dir, out, tiny_clip):
     settings = [
         f'model.encoder.model="{tiny_clip}"',
         f'model.encoder.checkpoint="{base / "clip.pt"}"',
         f'model.decoder.pretrained="{base / "lm"}"',
         'model.decoder.dtype="float32"',
-        f'data.train="{shapes_dir / "train"}"',
+        f'data.train="{shapes_dir / TRAIN.get(name, "train")}"',
         f'data.tokenizer="{shapes_dir / "tokenizer"}"',
         "data.num_workers=0",
         "model.processor.max_length=96",

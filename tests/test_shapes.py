@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from vlm.data import shapes
+from vlm.data.pipeline import ImageTextShards
 from vlm.data.writers import encode_png
 
 SPLITS = ("train", "val", "test")
@@ -264,8 +265,9 @@ def test_write_shapes_writes_shards_manifest_and_tokenizer(tmp_path, tok):
     sizes = {"train": 40, "val": 10, "test": 10}
     manifest = shapes.write_shapes(tmp_path, seed=2, image_size=32, samples_per_shard=16, **sizes)
 
-    assert manifest["counts"] == sizes
-    assert manifest["shards"] == {
+    extra = {"documents/train": 4, "documents/test": 10, "conversations/train": 13, "pretrain": 13}
+    assert manifest["counts"] == sizes | extra | {"conversations/test": 10}
+    assert {k: v for k, v in manifest["shards"].items() if k in sizes} == {
         "train": [f"train/shapes-train-00000{i}.tar" for i in range(3)],
         "val": ["val/shapes-val-000000.tar"],
         "test": ["test/shapes-test-000000.tar"],
@@ -273,9 +275,11 @@ def test_write_shapes_writes_shards_manifest_and_tokenizer(tmp_path, tok):
     on_disk = json.loads((tmp_path / "shapes.json").read_text())
     assert on_disk == manifest
     assert manifest["held_out"] == [list(pair) for pair in shapes.HELD_OUT]
-    assert manifest["seed"] == 2 and manifest["image_size"] == 32 and manifest["sizes"] == sizes
+    assert manifest["seed"] == 2 and manifest["image_size"] == 32
+    assert {k: manifest["sizes"][k] for k in sizes} == sizes
 
-    for split, paths in manifest["shards"].items():
+    for split in sizes:
+        paths = manifest["shards"][split]
         read = {}
         for path in paths:
             read.update(_read_tar(tmp_path / path))
@@ -316,3 +320,88 @@ def test_evaluation_groups_name_held_out_pairs():
     held = {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "triangle"}]}
     seen = {"objects": [{"color": "red", "shape": "circle"}]}
     assert combination(held) == "held-out combination" and combination(seen) == "seen combinations"
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations (LLaVA JSON, through the importer) and few-shot documents
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes-more")
+    return root, shapes.write_shapes(root, train=40, val=4, test=12, image_size=32, samples_per_shard=16)
+
+
+def test_llava_files_follow_llavas_schema_and_their_images_exist(written):
+    root, manifest = written
+    for name in manifest["llava"].values():
+        rows = json.loads((root / name).read_text())
+        for row in rows:
+            assert set(row) == {"id", "image", "conversations"}
+            assert (root / "llava" / "images" / row["image"]).is_file()
+            turns = row["conversations"]
+            assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+            assert turns[0]["value"].startswith("<image>\n")
+            assert "<image>" not in "".join(t["value"] for t in turns[1:])
+
+
+def test_every_conversation_answer_is_true_of_the_image_it_is_about(written, tok):
+    """Each opening question singles out one object of the image and is answered right; each
+    follow-up ("what color is it?") is answered for the object the opening was about."""
+    root, _ = written
+    follow_ups = {question: attribute for attribute, question in shapes.FOLLOW_UPS.items()}
+    checked = 0
+    for split in ("train", "test"):
+        for sample in ImageTextShards(str(root / "conversations" / split), shuffle_buffer=0):
+            index = int(sample["text"]["id"].split("-")[1])
+            objects = shapes.generate(split, index, seed=0, image_size=32).objects
+            messages = sample["text"]["messages"]
+            target = None
+            for question, answer in zip(messages[::2], messages[1::2]):
+                q, a = question["content"].removeprefix("<image>\n"), answer["content"]
+                if q in follow_ups:
+                    assert a == target[follow_ups[q]]
+                    checked += 1
+                    continue
+                (target,) = [o for o in objects if _opening_answer(q, o, objects) == a]
+            assert tok.unk_token_id not in tok(" ".join(m["content"] for m in messages))["input_ids"]
+    assert checked >= 20
+
+
+def _opening_answer(question, obj, objects):
+    """What ``question`` asks of ``obj``, when it singles ``obj`` out."""
+    where = {"left": "on the left", "center": "in the center", "right": "on the right"}[obj["column"]]
+    unique_shape = sum(o["shape"] == obj["shape"] for o in objects) == 1
+    unique_color = sum(o["color"] == obj["color"] for o in objects) == 1
+    answers = {f"what is {where}?": f"{obj['color']} {obj['shape']}"}
+    if unique_shape:
+        answers |= {
+            f"where is the {obj['shape']}?": obj["column"],
+            f"what color is the {obj['shape']}?": obj["color"],
+        }
+    if unique_color:
+        answers |= {
+            f"where is the {obj['color']} object?": obj["column"],
+            f"what shape is the {obj['color']} object?": obj["shape"],
+        }
+    return answers.get(question)
+
+
+def test_documents_answer_one_attribute_they_never_name(written):
+    root, manifest = written
+    attributes = Counter()
+    for sample in ImageTextShards(str(root / "documents" / "test"), shuffle_buffer=0):
+        text, images = sample["text"], sample["images"]
+        attribute = text["attribute"]
+        attributes[attribute] += 1
+        assert text["document"] == "".join(f"<image>{a}" for a in text["answers"])
+        assert not {"color", "shape", "where", "column"} & set(
+            text["document"].replace("<image>", " ").split()
+        )
+        index = int(sample["key"])
+        document = shapes.fewshot_document("test", index, seed=0, image_size=32)
+        assert [list(im.getdata()) for im in images] == [list(im.getdata()) for im in document.images]
+        values = {"color": shapes.COLORS, "shape": shapes.SHAPES, "column": shapes.COLUMNS}[attribute]
+        assert all(a in values for a in text["answers"]) and len(images) == shapes.DOCUMENT_ITEMS
+    assert len(attributes) == 3  # all three kinds occur

@@ -30,7 +30,8 @@ class DataConfig:
     """Where the examples come from.
 
     Args:
-        train, val: shard specs (files, directories, globs, brace patterns, URLs).
+        train, val: shard specs (files, directories, globs, brace patterns, URLs), or a list
+            of them: their shards are shuffled together.
         tokenizer: a local tokenizer directory (it must hold, or will be given, ``<image>``).
         shapes: generate the shapes dataset in this directory when its shards are missing.
         shapes_image_size: the side of the generated shapes images, in pixels.
@@ -51,8 +52,8 @@ class DataConfig:
             and counted; mostly bad data is a wrong path or a broken download).
     """
 
-    train: str = ""
-    val: str = ""
+    train: str | list[str] = ""
+    val: str | list[str] = ""
     tokenizer: str = ""
     shapes: str = ""
     shapes_image_size: int = 64

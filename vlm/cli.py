@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 from vlm.data import cli as data_cli
-from vlm.data.shapes import combination
+from vlm.data.shapes import FOLLOW_UPS, combination
 from vlm.eval import cli as eval_cli
+from vlm.eval.conversation import conversation_accuracy
 from vlm.eval.evaluate import evaluate
+from vlm.eval.fewshot import fewshot_accuracy
 from vlm.eval.gallery import write_gallery
 from vlm.eval.predict import Predictor
 from vlm.hub import from_pretrained
@@ -33,21 +35,32 @@ PACKAGES = (eval_cli, train_cli, data_cli)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Shapes data -> the shapes recipe -> evaluation on the held-out test split."""
+    """Shapes data -> the shapes recipe -> evaluation on the held-out test splits: captions and
+    VQA, multi-turn conversations, and few-shot documents at 0, 1, 2 and 4 shots."""
     out = Path(args.out)
     recipe = load_recipe(args.recipe, [f"run.out={json.dumps(str(out / 'train'))}", *args.set])
     print(f"vlm demo: shapes data in {recipe.data.shapes}, recipe {args.recipe}, run in {out}")
     summary = train(recipe)
 
-    test = str(Path(recipe.data.shapes) / "test")
+    data = Path(recipe.data.shapes)
     predictor = Predictor(summary["model"])
     start = time.perf_counter()
+    test = str(data / "test")
     vqa_run = evaluate(
         summary["model"], test, "vqa", out / "eval-vqa", group=combination, predictor=predictor
     )
     caption_run = evaluate(
         summary["model"], test, "caption", out / "eval-caption", group=combination, predictor=predictor
     )
+    follow_ups = set(FOLLOW_UPS.values())  # the turns about "it": they depend on the turn before
+    chat, chat_records = conversation_accuracy(
+        predictor, str(data / "conversations" / "test"), depends=lambda question: question in follow_ups
+    )
+    fewshot, fewshot_records = fewshot_accuracy(predictor, str(data / "documents" / "test"))
+    for name, records in (("eval-chat", chat_records), ("eval-fewshot", fewshot_records)):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({k: v for k, v in r.items() if k not in ("image", "images")}) for r in records]
+        (out / name / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     vqa, caption = vqa_run.metrics, caption_run.metrics
     metrics = {
         "vqa_accuracy": vqa["vqa_accuracy"],
@@ -56,6 +69,9 @@ def _demo(args: argparse.Namespace) -> int:
             for k in ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor")
             if k in caption
         },
+        "conversation_accuracy": chat["conversation_accuracy"],
+        "conversation_turn_accuracy": chat["turn_accuracy"],
+        "fewshot_accuracy": fewshot["fewshot_accuracy"],
         "train_seconds": round(summary["train_seconds"], 1),
         "eval_seconds": round(time.perf_counter() - start, 1),
         "train_steps": summary["steps"],
@@ -68,30 +84,41 @@ def _demo(args: argparse.Namespace) -> int:
         },
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    shown = caption_run.gallery[:24] + vqa_run.gallery[:36]
-    write_gallery(
-        out / "gallery.html",
-        "vlm demo: shapes test split",
-        shown,
-        {k: v for k, v in metrics.items() if isinstance(v, float)},
-    )
+    shown = caption_run.gallery[:24] + vqa_run.gallery[:36] + _gallery_items(chat_records, fewshot_records)
+    headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    headline |= {f"fewshot_{k}": v for k, v in metrics["fewshot_accuracy"].items()}
+    write_gallery(out / "gallery.html", "vlm demo: shapes test splits", shown, headline)
     print("\n  metric (test split)      all     " + "  ".join(f"{g:>22}" for g in metrics["groups"]))
     for key in ("vqa_accuracy", "cider"):
         groups = "  ".join(f"{metrics['groups'][g][key]:>22.3f}" for g in metrics["groups"])
         print(f"  {key:<22} {metrics[key]:>6.3f}   {groups}")
-    for key in ("bleu4", "rouge_l", "train_seconds"):
+    for key in ("bleu4", "rouge_l", "conversation_accuracy", "train_seconds"):
         print(
             f"  {key:<22} {metrics[key]:>6.3f}"
             if isinstance(metrics[key], float)
             else f"  {key:<22} {metrics[key]}"
         )
+    shots = "  ".join(f"{k}-shot {v:.3f}" for k, v in metrics["fewshot_accuracy"].items())
+    print(f"  {'fewshot_accuracy':<22} {shots}")
     print("\n  a few predictions:")
-    for item in shown[:3] + shown[-4:]:
+    for item in shown[:3] + shown[24 + 33 : 24 + 36]:
         question = f"Q: {item['question']}  " if item.get("question") else ""
         expected = (item.get("answers") or item.get("references"))[0]
         print(f"    {question}-> {item['prediction']!r}   (expected {expected!r})")
     print(f"\nwrote {out / 'metrics.json'} and {out / 'gallery.html'}")
     return 0
+
+
+def _gallery_items(chat_records: list[dict], fewshot_records: list[dict]) -> list[dict]:
+    """Later conversation turns and few-shot queries for the gallery: the first few, then every
+    mistake (up to a limit), so that "mistakes only" shows them."""
+    chat = [r for r in chat_records if r["depends"]]
+    fewshot = [{**r, "question": f"{r['shots']}-shot: {r['prompt']}"} for r in fewshot_records]
+    items = chat[:12] + [r for r in chat[12:] if not r["correct"]][:24]
+    for k in sorted({r["shots"] for r in fewshot}):
+        at_k = [r for r in fewshot if r["shots"] == k]
+        items += at_k[:6] + [r for r in at_k[6:] if not r["correct"]][:12]
+    return items
 
 
 def _save(args: argparse.Namespace) -> int:
