@@ -1,5 +1,7 @@
-"""Multi-turn evaluation: the model answers each user turn of held-out conversations with its
-own earlier replies in the history, as a person chatting with it would see."""
+"""Multi-turn evaluation: the model answers each user turn of held-out conversations, after
+either the reference replies to the earlier turns (as CoQA scores: each turn measures how the
+model uses the conversation so far) or its own (what a person chatting with it sees, where one
+wrong reply can make the next one wrong too)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def conversation_accuracy(
     data: str,
     *,
     depends: Callable[[str], bool] | None = None,
+    history: str = "reference",
     limit: int | None = None,
     batch_size: int = 32,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -39,12 +42,16 @@ def conversation_accuracy(
         data: shards of conversations (``{"messages": ...}``).
         depends: which user questions refer back to the conversation so far (default: every
             turn after the first).
+        history: ``"reference"``: earlier turns carry the reference replies; ``"own"``: the
+            model's own replies.
         limit: at most this many conversations.
 
     Returns ``({"conversation_accuracy", "turn_accuracy" (every turn), "turns", "conversations"},
     records)``; a record per turn holds the question, the history shown, the reference and the
     prediction.
     """
+    if history not in ("reference", "own"):
+        raise ValueError(f"history must be 'reference' or 'own', got {history!r}")
     conversations = []
     for sample in ImageTextShards(data, shuffle_shards=False, shuffle_buffer=0, rank=0, world_size=1):
         if "messages" not in sample["text"]:
@@ -90,7 +97,8 @@ def conversation_accuracy(
                             "image": c["image"],
                         }
                     )
-                    c["history"].append({"role": "assistant", "content": reply})
+                    shown = reply if history == "own" else reference
+                    c["history"].append({"role": "assistant", "content": shown})
                 bar.update(len(chunk))
     dependent = [r for r in records if r["depends"]]
     metrics = {

@@ -53,9 +53,9 @@ def _demo(args: argparse.Namespace) -> int:
         summary["model"], test, "caption", out / "eval-caption", group=combination, predictor=predictor
     )
     follow_ups = set(FOLLOW_UPS.values())  # the turns about "it": they depend on the turn before
-    chat, chat_records = conversation_accuracy(
-        predictor, str(data / "conversations" / "test"), depends=lambda question: question in follow_ups
-    )
+    conversations = str(data / "conversations" / "test")
+    chat, chat_records = conversation_accuracy(predictor, conversations, depends=lambda q: q in follow_ups)
+    own, _ = conversation_accuracy(predictor, conversations, depends=lambda q: q in follow_ups, history="own")
     fewshot, fewshot_records = fewshot_accuracy(predictor, str(data / "documents" / "test"))
     for name, records in (("eval-chat", chat_records), ("eval-fewshot", fewshot_records)):
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -71,6 +71,7 @@ def _demo(args: argparse.Namespace) -> int:
         },
         "conversation_accuracy": chat["conversation_accuracy"],
         "conversation_turn_accuracy": chat["turn_accuracy"],
+        "conversation_accuracy_own_replies": own["conversation_accuracy"],
         "fewshot_accuracy": fewshot["fewshot_accuracy"],
         "train_seconds": round(summary["train_seconds"], 1),
         "eval_seconds": round(time.perf_counter() - start, 1),
@@ -92,7 +93,13 @@ def _demo(args: argparse.Namespace) -> int:
     for key in ("vqa_accuracy", "cider"):
         groups = "  ".join(f"{metrics['groups'][g][key]:>22.3f}" for g in metrics["groups"])
         print(f"  {key:<22} {metrics[key]:>6.3f}   {groups}")
-    for key in ("bleu4", "rouge_l", "conversation_accuracy", "train_seconds"):
+    for key in (
+        "bleu4",
+        "rouge_l",
+        "conversation_accuracy",
+        "conversation_accuracy_own_replies",
+        "train_seconds",
+    ):
         print(
             f"  {key:<22} {metrics[key]:>6.3f}"
             if isinstance(metrics[key], float)
