@@ -135,7 +135,8 @@ def test_vqa_and_eval_commands_take_support_examples(predictor, shapes_dir, tmp_
 
 
 def test_conversations_are_evaluated_with_the_models_own_replies(predictor, shapes_dir):
-    metrics, records = conversation_accuracy(predictor, str(shapes_dir / "conversations" / "test"))
+    data = str(shapes_dir / "conversations" / "test")
+    metrics, records = conversation_accuracy(predictor, data, history="own")
     assert metrics["conversations"] == 8 and metrics["turns"] == sum(r["turn"] > 1 for r in records)
     dependent = [r for r in records if r["depends"]]
     assert metrics["conversation_accuracy"] == sum(r["correct"] for r in dependent) / len(dependent)
@@ -156,6 +157,12 @@ def test_conversations_are_evaluated_with_the_models_own_replies(predictor, shap
         {"role": "user", "content": second["question"]},
     ]
     assert predictor.chat(history) == second["prediction"]
+    # With the reference history (the default), turn two sees the reference reply instead.
+    _, reference = conversation_accuracy(predictor, data)
+    second = next(r for r in reference if r["name"] == records[0]["name"] and r["turn"] == 2)
+    assert second["history"][-1] == f"assistant: {first['answers'][0]}"
+    with pytest.raises(ValueError, match="history"):
+        conversation_accuracy(predictor, data, history="gold")
 
 
 def test_few_shot_documents_put_the_k_examples_before_the_query(predictor, shapes_dir):
