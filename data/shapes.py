@@ -501,7 +501,7 @@ def write_shapes(
         seed: dataset seed.
         train, val, test: number of caption / QA samples per split.
         conversations, documents: train conversations and few-shot documents (default: a
-            third and a tenth of ``train``); their test sets hold ``test`` each.
+            third and a fifth of ``train``); their test sets hold ``test`` each.
         image_size: image width and height in pixels.
         samples_per_shard: samples per tar shard (small shards interleave the kinds of data
             when their shards are shuffled together).
@@ -512,7 +512,7 @@ def write_shapes(
     """
     out_dir = Path(out_dir)
     conversations = train // 3 if conversations is None else conversations
-    documents = train // 10 if documents is None else documents
+    documents = train // 5 if documents is None else documents
     sizes = {
         "train": train,
         "val": val,

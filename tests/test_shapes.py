@@ -265,7 +265,7 @@ def test_write_shapes_writes_shards_manifest_and_tokenizer(tmp_path, tok):
     sizes = {"train": 40, "val": 10, "test": 10}
     manifest = shapes.write_shapes(tmp_path, seed=2, image_size=32, samples_per_shard=16, **sizes)
 
-    extra = {"documents/train": 4, "documents/test": 10, "conversations/train": 13, "pretrain": 13}
+    extra = {"documents/train": 8, "documents/test": 10, "conversations/train": 13, "pretrain": 13}
     assert manifest["counts"] == sizes | extra | {"conversations/test": 10}
     assert {k: v for k, v in manifest["shards"].items() if k in sizes} == {
         "train": [f"train/shapes-train-00000{i}.tar" for i in range(3)],
