@@ -58,31 +58,27 @@ def conversation_accuracy(
             continue
         images = iter(sample.get("images") or ([sample["image"]] if "image" in sample else []))
         messages = [{**m, "content": as_parts(m["content"], images)} for m in sample["text"]["messages"]]
+        turns = _user_turns(messages)
         conversations.append(
-            {"key": sample["key"], "messages": messages, "image": sample.get("image"), "history": []}
+            {"key": sample["key"], "turns": turns, "image": sample.get("image"), "history": []}
         )
         if limit is not None and len(conversations) >= limit:
             break
     if not conversations:
         raise InputError(f"{data} holds no conversations")
     records = []
-    longest = max(sum(m["role"] == "user" for m in c["messages"]) for c in conversations)
-    with tqdm(
-        total=sum(sum(m["role"] == "user" for m in c["messages"]) for c in conversations),
-        desc="eval chat",
-        unit="turn",
-    ) as bar:
+    longest = max(len(c["turns"]) for c in conversations)
+    with tqdm(total=sum(len(c["turns"]) for c in conversations), desc="eval chat", unit="turn") as bar:
         for turn in range(longest):
-            asking = [c for c in conversations if _user_turns(c)[turn : turn + 1]]
+            asking = [c for c in conversations if turn < len(c["turns"])]
             for chunk in batched(asking, batch_size):
                 prompts = []
                 for c in chunk:
-                    question, _ = _user_turns(c)[turn]
-                    c["history"].append(question)
+                    c["history"].append(c["turns"][turn][0])
                     prompts.append(list(c["history"]))
                 replies = predictor.chat_batch(prompts)
                 for c, reply in zip(chunk, replies):
-                    question, reference = _user_turns(c)[turn]
+                    question, reference = c["turns"][turn]
                     text = " ".join(p["text"] for p in question["content"] if p["type"] == "text")
                     records.append(
                         {
@@ -110,9 +106,8 @@ def conversation_accuracy(
     return metrics, records
 
 
-def _user_turns(conversation: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+def _user_turns(messages: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
     """(user message, the reference reply after it) pairs."""
-    messages = conversation["messages"]
     pairs = []
     for i, message in enumerate(messages):
         if message["role"] == "user":

@@ -114,6 +114,7 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = predictor or Predictor(model_dir, device=device)
+    support = list(support)  # drawn from for every query
     records, shown, inputs = [], [], DecodeStats()
     examples = _examples(read_inputs([data], inputs), task, group)
     with (
@@ -124,9 +125,7 @@ def evaluate(
             if limit is not None:
                 chunk = chunk[: limit - len(records)]
             drawn = [
-                random.Random(f"{seed}:{shots}:{len(records) + i}").sample(list(support), shots)
-                if shots
-                else []
+                random.Random(f"{seed}:{shots}:{len(records) + i}").sample(support, shots) if shots else []
                 for i in range(len(chunk))
             ]
             texts = predictor.predict(
