@@ -154,16 +154,16 @@ def _compiled(decoder, device_type: str):
     return cache[device_type]
 
 
-def _filter(logits: Tensor, config: GenerationConfig) -> Tensor:
+def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Temperature, then top-k, then top-p (nucleus) on ``(B, V)`` logits."""
-    logits = logits / max(config.temperature, 1e-5)
-    if config.top_k > 0:
-        kth = torch.topk(logits, min(config.top_k, logits.shape[-1])).values[:, -1:]
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:
+    if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= config.top_p  # keep the first token past p
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the first token past p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -240,7 +240,9 @@ def _sample(
     logits = steps.first()
     for step in range(config.max_new_tokens):
         if config.do_sample:
-            probs = _filter(logits, config).softmax(-1)
+            probs = filter_logits(
+                logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
+            ).softmax(-1)
             tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
             tokens = logits.argmax(-1)

@@ -8,7 +8,9 @@ The model and generation code talk to every bridge through :class:`Bridge` alone
 - ``condition(embeds, visual, image_positions)`` conditions one LM call (or one generation)
   on the batch's images and returns the LM's input embeddings;
 - ``select_rows(rows)`` follows the batch when generation repeats or reorders its rows
-  (beam search), and ``release()`` drops whatever ``condition`` left behind.
+  (beam search), and ``release()`` drops whatever ``condition`` left behind;
+- ``take_rows()`` and ``give_rows(parts, rows)`` hand that over, so that prompts conditioned
+  apart generate together (continuous batching, ``vlm.engine``).
 
 Two kinds implement it:
 
@@ -78,6 +80,15 @@ class Bridge(nn.Module):
     def release(self) -> None:
         """Drops what :meth:`condition` keeps for the LM calls that follow."""
 
+    def take_rows(self) -> Any:
+        """What :meth:`condition` keeps for the new-token steps, handed to the caller (and no
+        longer kept here); ``None`` when nothing is kept."""
+        return None
+
+    def give_rows(self, parts: list[Any], rows: list[int]) -> None:
+        """Conditions the new-token steps on ``parts`` (from :meth:`take_rows`) stacked in this
+        order; part ``i`` covers ``rows[i]`` rows of the batch."""
+
 
 class PrefixBridge(Bridge):
     """A bridge whose output tokens replace the ``<image>`` placeholders; it keeps no state."""
@@ -112,6 +123,29 @@ class Media:
             if isinstance(value, tuple) and all(isinstance(t, Tensor) and t.shape[0] == B for t in value):
                 cache[key] = tuple(t[rows] for t in value)
         return Media(self.latents[rows], self.index[rows], cache)
+
+    @staticmethod
+    def stack(parts: list[Media | None], rows: list[int]) -> Media | None:
+        """The media of batches put one under the other, for new-token steps only: each row keeps
+        its latest image (the last column of ``index``); ``None`` parts (text-only batches) see
+        no image. The blocks' cache is rebuilt at the next step."""
+        known = [p for p in parts if p is not None]
+        if not known:
+            return None
+        if len(parts) == 1:
+            return parts[0]  # its blocks' cache still holds
+        n_img = max(p.latents.shape[1] for p in known)
+        like = known[0].latents
+        latents, index = [], []
+        for part, count in zip(parts, rows):
+            if part is None:
+                latents.append(like.new_zeros(count, n_img, *like.shape[2:]))
+                index.append(torch.zeros(count, 1, dtype=torch.long, device=like.device))
+                continue
+            pad = n_img - part.latents.shape[1]
+            latents.append(torch.cat([part.latents, part.latents.new_zeros(count, pad, *like.shape[2:])], 1))
+            index.append(part.index[:, -1:])
+        return Media(torch.cat(latents), torch.cat(index))
 
 
 class CrossAttentionBridge(Bridge):
@@ -170,6 +204,13 @@ class CrossAttentionBridge(Bridge):
 
     def release(self) -> None:
         self._media = None
+
+    def take_rows(self) -> Media | None:
+        media, self._media = self._media, None
+        return media
+
+    def give_rows(self, parts: list[Media | None], rows: list[int]) -> None:
+        self._media = Media.stack(parts, rows)
 
 
 def media_at(visual: Tensor, image_positions: Tensor, sample_ids: Tensor | None = None) -> Media:
