@@ -1,11 +1,14 @@
-"""``vlm caption | vqa | eval | bench``."""
+"""``vlm caption | vqa | eval | chat | serve | bench``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
+import uvicorn
 from tqdm import tqdm
 
 from vlm.data.decode import DecodeStats
@@ -21,8 +24,11 @@ from vlm.eval.predict import (
     read_sources,
     read_support,
 )
+from vlm.eval.serve import Limits, Service, create_app
 from vlm.generate import GenerationConfig
 from vlm.subcommand import add_subcommand
+
+log = logging.getLogger(__name__)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -78,6 +84,30 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--device", default="auto")
     chat.set_defaults(func=_chat)
+
+    serve = add_subcommand(
+        commands, "serve", help="serve a model over OpenAI's chat-completions API, with a page at /"
+    )
+    serve.add_argument(
+        "--model", required=True, help="a model directory (from `vlm train` or save_pretrained)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--served-model-name", help="the model id clients ask for (default: the directory's name)"
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, default=16, help="requests generating at once (1: one at a time)"
+    )
+    serve.add_argument("--max-tokens", type=int, default=128, help="a completion's budget when none is asked")
+    serve.add_argument("--max-images", type=int, default=8, help="images per request, at most")
+    serve.add_argument("--max-body-mb", type=float, default=20.0, help="request bodies over this are refused")
+    serve.add_argument(
+        "--local-images", metavar="DIR", help="allow file:// URLs and paths to images inside DIR"
+    )
+    serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs")
+    serve.add_argument("--device", default="auto")
+    serve.set_defaults(func=_serve)
 
     parser = add_subcommand(
         commands, "bench", help="time vlm against transformers' LLaVA, BLIP-2 and IDEFICS"
@@ -194,6 +224,26 @@ def _chat(args: argparse.Namespace) -> int:
         args.model, device=args.device, generation=GenerationConfig(max_new_tokens=args.max_new_tokens)
     )
     return chat_loop(predictor, args.images)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    check_model_dir(args.model)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who reaches this address can use the model", args.host)
+    predictor = Predictor(args.model, device=args.device)
+    limits = Limits(
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_images=args.max_images,
+        context_length=predictor.processor.max_length,
+        default_max_tokens=args.max_tokens,
+        local_images=Path(args.local_images) if args.local_images else None,
+        remote_images=args.allow_remote_images,
+    )
+    name = args.served_model_name or Path(args.model).resolve().name
+    service = Service(predictor, model_name=name, limits=limits, max_batch_size=args.max_batch_size)
+    print(f"serving {name} on http://{args.host}:{args.port} (the page at /, the API at /v1)", flush=True)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
