@@ -14,7 +14,7 @@ import openai
 import pytest
 from PIL import Image
 from saved import save_tiny_model
-from serving import MODEL, data_uri, image_part, running_server
+from serving import MODEL, image_part, running_server
 
 from vlm.eval.predict import Predictor
 
