@@ -12,7 +12,7 @@ import uvicorn
 from tqdm import tqdm
 
 from vlm.data.decode import DecodeStats
-from vlm.eval import bench, bench_convert, bench_options
+from vlm.eval import bench, bench_convert, bench_options, bench_serve
 from vlm.eval.chat import chat_loop
 from vlm.eval.evaluate import evaluate, evaluate_shots, score_file
 from vlm.eval.predict import (
@@ -122,6 +122,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="instead: what packing, the feature cache and the KV cache buy (options-<device>.*)",
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="instead: vlm serve with 1, 4 and 16 clients, batched and not (serve-<device>.*)",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="--serve: seconds of load per run")
     parser.add_argument(
         "--convert",
         action="store_true",
@@ -250,6 +256,11 @@ def _bench(args: argparse.Namespace) -> int:
     """vlm against transformers' LLaVA / BLIP-2 / IDEFICS on the same weights (eval/bench.py)."""
     if args.options:
         path = bench_options.run(out=args.out, device=args.device)
+        print(path.with_suffix(".md").read_text())
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
+    if args.serve:
+        _, path = bench_serve.run(out=args.out, seconds=args.seconds)
         print(path.with_suffix(".md").read_text())
         print(f"wrote {path} and {path.with_suffix('.md')}")
         return 0

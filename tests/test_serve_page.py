@@ -51,8 +51,8 @@ def test_the_page_uploads_an_image_asks_and_shows_the_streamed_answer(browser, t
         page.fill("#question", "what is on the left?")
         # Counts the answer's updates as they come: a streamed answer grows piece by piece.
         page.evaluate(
-            """() => { window.updates = 0; new MutationObserver(() => window.updates++)
-                .observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }"""
+            """() => { window.updates = 0; new MutationObserver(() => window.updates++).observe(
+                document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }"""
         )
         page.click("#send")
         first = page.locator(".turn.assistant").nth(0)
@@ -61,7 +61,10 @@ def test_the_page_uploads_an_image_asks_and_shows_the_streamed_answer(browser, t
 
         # The page's answer is the API's for the same request (greedy, the page's 64 tokens).
         messages = [
-            {"role": "user", "content": [image_part(Image.open(image)), {"type": "text", "text": "what is on the left?"}]}
+            {
+                "role": "user",
+                "content": [image_part(Image.open(image)), {"type": "text", "text": "what is on the left?"}],
+            }
         ]
         expected = api_answer(base, messages)
         assert answer == expected and answer
@@ -71,7 +74,10 @@ def test_the_page_uploads_an_image_asks_and_shows_the_streamed_answer(browser, t
         page.click("#send")
         page.wait_for_selector(".turn.assistant:not(.streaming) >> nth=1", timeout=60_000)
         follow_up = page.locator(".turn.assistant").nth(1).inner_text()
-        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "what color is it?"}]
+        messages += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "what color is it?"},
+        ]
         assert follow_up == api_answer(base, messages)  # the history (and its image) went along
         assert page.locator(".turn.error").count() == 0
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
