@@ -19,7 +19,7 @@ MODEL = "tiny-vlm"
 def running_server(model_dir, *, max_batch_size=16, **limits):
     """Yields ``(base_url, service)``; the port is the one the OS gave (no clashes)."""
     predictor = Predictor(model_dir, device="cpu")
-    limits = Limits(**{"context_length": predictor.processor.max_length, **limits})
+    limits = Limits(**limits)
     service = Service(predictor, model_name=MODEL, limits=limits, max_batch_size=max_batch_size)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

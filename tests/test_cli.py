@@ -316,3 +316,8 @@ def test_data_shapes_command(tmp_path, capsys):
     }
     assert manifest["counts"]["conversations/train"] == 2 and manifest["counts"]["documents/test"] == 2
     assert json.loads(out.splitlines()[-1])["counts"]["train"] == 8
+
+
+def test_serve_refuses_a_directory_without_a_model(tmp_path, capsys):
+    code, _, err = run(["serve", "--model", str(tmp_path)], capsys)
+    assert code == 2 and "holds no weights" in err and len(err.strip().splitlines()) == 1

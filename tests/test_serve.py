@@ -262,6 +262,7 @@ BAD_REQUESTS = {
     "bad_temperature": (text_only("hi", temperature=7), 400, "temperature"),
     "n_above_one": (text_only("hi", n=2), 400, "n=1"),
     "tools": (text_only("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    "penalty": (text_only("hi", frequency_penalty=0.5), 400, "frequency_penalty"),
     "too_many_stops": (text_only("hi", stop=["a", "b", "c", "d", "e"]), 400, "stop"),
 }
 
@@ -307,7 +308,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     before = service.scheduler.counts["cancelled"]
     url = urllib.parse.urlparse(base)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=DEADLINE_S)
-    body = json.dumps(dict(text_only("describe everything"), max_tokens=150, stream=True))
+    body = json.dumps(dict(text_only("describe everything"), max_tokens=100, stream=True))
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200
@@ -366,3 +367,9 @@ def test_load_with_bad_requests_mixed_in(server):
     )
     assert not [r for r in results if r[2] >= 500]
     assert health(server[0])["status"] == "ok"
+
+
+def test_the_context_is_what_the_lm_takes(server, predictor):
+    """The tiny Llama has 128 positions though the model's max_length is 512: 128 it is."""
+    assert predictor.processor.max_length == 512
+    assert server[1].limits.context_length == predictor.model.decoder.lm.config.max_position_embeddings == 128

@@ -51,7 +51,8 @@ class Limits:
         max_body_bytes: a larger request body is refused (413) before it is read in full.
         max_images: images per request.
         max_image_pixels: a larger image (a decompression bomb, say) is refused before decoding.
-        context_length: prompt plus completion tokens, at most (the model's ``max_length``).
+        context_length: prompt plus completion tokens, at most (``None``: what the model takes,
+            see ``app.context_length``).
         default_max_tokens: the completion's budget when the request names none.
         local_images: a folder ``file://`` URLs and paths may point into (``None``: refused).
         remote_images: fetch ``http(s)://`` image URLs (refused unless set).
@@ -60,7 +61,7 @@ class Limits:
     max_body_bytes: int = 20 * 2**20
     max_images: int = 8
     max_image_pixels: int = 4096 * 4096
-    context_length: int = 512
+    context_length: int | None = None
     default_max_tokens: int = 128
     local_images: Path | None = None
     remote_images: bool = False
@@ -156,6 +157,11 @@ def parse_request(body: bytes) -> ChatRequest:
             raise APIError(400, f"{name} is not supported by this server", param=name)
     if request.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if raw.get(name) not in (None, 0, 0.0):
+            raise APIError(400, f"{name} is not supported by this server (leave it at 0)", param=name)
+    if raw.get("logit_bias"):
+        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     return request
 
 

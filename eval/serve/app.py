@@ -8,6 +8,7 @@ error shape, and the server goes on serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -42,6 +43,8 @@ class Service:
     """A loaded model behind the API: turns checked requests into prompts and runs them."""
 
     def __init__(self, predictor: Predictor, *, model_name: str, limits: Limits, max_batch_size: int = 16):
+        if limits.context_length is None:
+            limits = dataclasses.replace(limits, context_length=context_length(predictor))
         self.predictor, self.model_name, self.limits = predictor, model_name, limits
         self.created = int(time.time())
         generation = predictor.generation
@@ -89,6 +92,16 @@ class Service:
             stop=tuple(request.stop),
         )
         return prompt, pixels, settings
+
+
+def context_length(predictor: Predictor) -> int:
+    """The longest prompt plus completion the model takes: the ``max_length`` it was trained
+    with, or fewer where the LM has fewer positions (GPT-2's learned position table)."""
+    text_config = predictor.model.decoder.lm.config.get_text_config()
+    positions = getattr(text_config, "max_position_embeddings", None) or getattr(
+        text_config, "n_positions", None
+    )
+    return min(predictor.processor.max_length, positions or predictor.processor.max_length)
 
 
 def create_app(service: Service) -> FastAPI:

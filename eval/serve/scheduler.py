@@ -156,7 +156,9 @@ class Scheduler:
             return going
 
         def on_finish(reason: str, error: BaseException | None) -> None:
-            self.counts[{"stop": "completed", "length": "completed"}.get(reason, reason)] += 1
+            self.counts[
+                {"stop": "completed", "length": "completed", "error": "failed"}.get(reason, reason)
+            ] += 1
             piece = reply.delta(final=True)
             if piece:
                 loop.call_soon_threadsafe(events.put_nowait, piece)
