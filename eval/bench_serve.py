@@ -1,10 +1,11 @@
 """``vlm bench --serve``: throughput and latency of ``vlm serve`` with 1, 4 and 16 clients.
 
-A ``vlm serve`` process runs on loopback, once with continuous batching (``--max-batch-size
-16``) and once without (``1``: one request at a time). For each number of clients, that many
+Two ``vlm serve`` processes run on loopback, one with continuous batching (``--max-batch-size
+16``), one without (``1``: one request at a time). For each number of clients, that many
 threads send chat completions (an image and a question, greedy, a fixed token budget) back to
-back for a fixed time. Reported per run: requests/s, completion tokens/s, p50 and p99 latency,
-and errors; and for each client count the throughput of batching over none.
+back for a fixed time, to one server and then the other, in alternating rounds. Reported per
+row: requests/s, completion tokens/s, p50 and p99 latency, and errors; and for each client
+count the throughput of batching over none.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def call(port: int, method: str, path: str, body: bytes | None) -> tuple[int, di
 
 
 def load(port: int, clients: int, seconds: float, max_tokens: int) -> dict[str, Any]:
-    """``clients`` threads sending requests back to back for ``seconds``; requests still in
-    flight at the end finish and count (their latency is real), so none is cut short."""
+    """``clients`` threads sending requests back to back for ``seconds``: the latencies, the
+    completion tokens and the errors. Requests still in flight at the end finish and count
+    (their latency is real), so none is cut short."""
     latencies: list[float] = []
     tokens, errors = [0], [0]
     lock = threading.Lock()
@@ -179,17 +181,12 @@ def load(port: int, clients: int, seconds: float, max_tokens: int) -> dict[str, 
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - started
-    ordered = sorted(latencies)
     return {
         "clients": clients,
-        "seconds": round(wall, 2),
-        "requests": len(latencies),
+        "seconds": time.perf_counter() - started,
+        "latencies": latencies,
+        "tokens": tokens[0],
         "errors": errors[0],
-        "requests_per_s": len(latencies) / wall,
-        "tokens_per_s": tokens[0] / wall,
-        "p50_s": statistics.median(ordered) if ordered else None,
-        "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None,
     }
 
 
@@ -199,9 +196,14 @@ def run(
     seconds: float = 20.0,
     max_tokens: int = 32,
     clients: tuple[int, ...] = CLIENTS,
+    rounds: int = 2,
     progress=print,
 ) -> tuple[dict[str, Any], Path]:
-    """Both modes at every client count; writes ``serve-<device>.json`` and ``.md``."""
+    """Both modes at every client count; writes ``serve-<device>.json`` and ``.md``.
+
+    Both servers run side by side (an idle one costs nothing), and the modes alternate in
+    ``rounds`` rounds of ``seconds / rounds`` each, so that drift (clocks, other load) hits
+    both alike; a row sums its rounds."""
     threads = torch.get_num_threads()
     results: dict[str, Any] = {
         "device": f"cpu-{platform.machine()}-{threads}threads",
@@ -209,20 +211,30 @@ def run(
         "transformers": transformers.__version__,
         "model": "random-weight LLaVA shape: ViT 4x192 at 112 px (64 patches), mlp2x_gelu, Llama 4x256",
         "seconds_per_run": seconds,
+        "rounds": rounds,
         "max_tokens": max_tokens,
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = bench_model(Path(tmp) / "model")
-        for mode, batch in MODES.items():
-            server = Server(model_dir, batch, threads)
-            try:
-                call(server.port, "POST", "/v1/chat/completions", request_body(max_tokens, 0))  # warm-up
-                for n in clients:
-                    row = {"mode": mode, "max_batch_size": batch, **load(server.port, n, seconds, max_tokens)}
+        servers: dict[str, Server] = {}
+        try:
+            for mode, batch in MODES.items():
+                servers[mode] = Server(model_dir, batch, threads)
+                call(
+                    servers[mode].port, "POST", "/v1/chat/completions", request_body(max_tokens, 0)
+                )  # warm-up
+            for n in clients:
+                runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+                for _ in range(rounds):
+                    for mode in MODES:
+                        runs[mode].append(load(servers[mode].port, n, seconds / rounds, max_tokens))
+                for mode, batch in MODES.items():
+                    row = {"mode": mode, "max_batch_size": batch, **_combined(runs[mode])}
                     results["rows"].append(row)
                     progress(format_row(row))
-            finally:
+        finally:
+            for server in servers.values():
                 server.close()
     by = {(r["mode"], r["clients"]): r for r in results["rows"]}
     results["speedup"] = {
@@ -231,6 +243,23 @@ def run(
         if by["unbatched", n]["tokens_per_s"] > 0
     }
     return results, write_report(results, out, "serve", markdown)
+
+
+def _combined(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several rounds: totals over the total time, percentiles over every request."""
+    wall = sum(r["seconds"] for r in runs)
+    latencies = sorted(x for r in runs for x in r["latencies"])
+    requests = len(latencies)
+    return {
+        "clients": runs[0]["clients"],
+        "seconds": round(wall, 2),
+        "requests": requests,
+        "errors": sum(r["errors"] for r in runs),
+        "requests_per_s": requests / wall,
+        "tokens_per_s": sum(r["tokens"] for r in runs) / wall,
+        "p50_s": statistics.median(latencies) if latencies else None,
+        "p99_s": latencies[min(requests - 1, int(0.99 * requests))] if latencies else None,
+    }
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -247,7 +276,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"# vlm serve on {results['device']}",
         "",
         f"torch {results['torch']}, transformers {results['transformers']}; {results['model']}; "
-        f"each run {results['seconds_per_run']:.0f} s of clients sending back to back, "
+        f"each row {results['seconds_per_run']:.0f} s of clients sending back to back (in "
+        f"{results['rounds']} rounds alternating with the other mode), "
         f"{results['max_tokens']} new tokens per request (greedy).",
         "",
         "| batching | clients | requests/s | tokens/s | p50 latency (s) | p99 latency (s) | errors |",
