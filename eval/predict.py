@@ -47,15 +47,47 @@ class Shot:
     question: str | None = None
 
 
+class ReplyText:
+    """A reply's text as it grows, token by token. The whole reply is decoded at each token
+    (pieces such as a character's bytes only make sense together) and cut before the first
+    ``stop`` string. :meth:`delta` streams it so that the pieces join into the final (stripped)
+    text: a tail that may still begin a stop string, trailing space, or half a character waits
+    until more text comes."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of ``text`` streamed
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def add(self, token: int) -> bool:
+        """Adds a token; ``False`` once a stop string has appeared (the reply ends)."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        cuts = [self.text.find(s) for s in self.stop if s in self.text]
+        if cuts:
+            self.text = self.text[: min(cuts)]
+            return False
+        return True
+
+    def delta(self, final: bool = False) -> str:
+        """The text not streamed yet that can be streamed now (``final``: all of it)."""
+        text = self.text.rstrip()
+        end = len(text) if final else min(len(text), len(self.text) - self.hold)
+        if not final and text.endswith("\ufffd"):  # a character cut in its middle
+            end = min(end, len(text) - 1)
+        if end <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent : end], end
+        return piece
+
+
 class _TextStream:
-    """Turns generation's tokens (one row) into the new text each step adds, for ``on_text``.
-    The whole reply is decoded every step, so pieces that only make sense together (bytes of one
-    character, a word's pieces) come out right."""
+    """Generation's tokens (one row) to ``on_text``, as the text each step adds."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], None], stop: set[int]):
-        self.tokenizer, self.on_text, self.stop = tokenizer, on_text, stop
-        self.ids: list[int] = []
-        self.shown = ""
+        self.reply, self.on_text, self.stop = ReplyText(tokenizer), on_text, stop
         self.done = False
 
     def __call__(self, tokens: torch.Tensor) -> None:
@@ -63,13 +95,10 @@ class _TextStream:
         if self.done or token in self.stop:
             self.done = True
             return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        if text.endswith("\ufffd"):  # a character cut in its middle: wait for the rest
-            return
-        if text[len(self.shown) :]:
-            self.on_text(text[len(self.shown) :])
-        self.shown = text
+        self.reply.add(token)
+        piece = self.reply.delta()
+        if piece:
+            self.on_text(piece)
 
 
 def _device(name: str) -> torch.device:

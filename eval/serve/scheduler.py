@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from vlm.engine import BatchedGeneration, Request
+from vlm.eval.predict import ReplyText
 
 log = logging.getLogger(__name__)
 
@@ -40,41 +41,6 @@ class Finished:
     text: str
     completion_tokens: int
     error: BaseException | None = None
-
-
-class Reply:
-    """A reply's text as it grows. The whole reply is decoded at each token (pieces such as a
-    character's bytes only make sense together), cut before the first stop string, and streamed
-    so that the pieces join into the final text: the tail that may still begin a stop string or
-    be trailing space waits until more text comes."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of ``text`` streamed
-        self.hold = max((len(s) for s in stop), default=1) - 1
-
-    def add(self, token: int) -> bool:
-        """Adds a token; ``False`` once a stop string has appeared (the reply ends)."""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        cuts = [self.text.find(s) for s in self.stop if s in self.text]
-        if cuts:
-            self.text = self.text[: min(cuts)]
-            return False
-        return True
-
-    def delta(self, final: bool = False) -> str:
-        """The text not streamed yet that can be streamed now."""
-        text = self.text.rstrip()
-        end = len(text) if final else min(len(text), len(self.text) - self.hold)
-        if not final and text.endswith("\ufffd"):  # a character cut in its middle: wait for the rest
-            end = min(end, len(text) - 1)
-        if end <= self.sent:
-            return ""
-        piece, self.sent = text[self.sent : end], end
-        return piece
 
 
 class Scheduler:
@@ -146,7 +112,7 @@ class Scheduler:
         early (the client went away) cancels the row: it leaves the batch before the next step."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[str | Finished] = asyncio.Queue()
-        reply = Reply(self.tokenizer, settings.stop)
+        reply = ReplyText(self.tokenizer, settings.stop)
 
         def on_token(token: int) -> bool:
             going = reply.add(token)
