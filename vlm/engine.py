@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from vlm.generate import filter_logits
+from vlm.generate import sample
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,8 @@ class BatchedGeneration:
             if r.temperature <= 0:
                 tokens.append(greedy[i])
                 continue
-            probs = filter_logits(logits[i : i + 1], temperature=r.temperature, top_p=r.top_p).softmax(-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=r.generator)))
+            row = logits[i : i + 1]
+            tokens.append(int(sample(row, temperature=r.temperature, top_p=r.top_p, generator=r.generator)))
         return tokens
 
     def _advance(self, tokens: list[int], first: int = 0) -> None:

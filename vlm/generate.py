@@ -154,6 +154,19 @@ def _compiled(decoder, device_type: str):
     return cache[device_type]
 
 
+def sample(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token ``(B,)`` drawn from each row of ``(B, V)`` logits after :func:`filter_logits`."""
+    probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Temperature, then top-k, then top-p (nucleus) on ``(B, V)`` logits."""
     logits = logits / max(temperature, 1e-5)
@@ -240,10 +253,13 @@ def _sample(
     logits = steps.first()
     for step in range(config.max_new_tokens):
         if config.do_sample:
-            probs = filter_logits(
-                logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
-            ).softmax(-1)
-            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            tokens = sample(
+                logits,
+                temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
+                generator=generator,
+            )
         else:
             tokens = logits.argmax(-1)
         tokens = tokens.masked_fill(finished, config.pad_token_id)
