@@ -15,7 +15,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ from PIL import Image
 from vlm import ModelConfig, ProjectorConfig, ViTConfig, build_model
 from vlm.data.shapes import tokenizer as shapes_tokenizer
 from vlm.decoders.hf import HFDecoderConfig
-from vlm.eval.bench_common import write_report
+from vlm.eval.bench_common import device_name, write_report
 from vlm.weights import save_pretrained
 
 CLIENTS = (1, 4, 16)
@@ -206,7 +205,7 @@ def run(
     both alike; a row sums its rounds."""
     threads = torch.get_num_threads()
     results: dict[str, Any] = {
-        "device": f"cpu-{platform.machine()}-{threads}threads",
+        "device": device_name(torch.device("cpu")),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "model": "random-weight LLaVA shape: ViT 4x192 at 112 px (64 patches), mlp2x_gelu, Llama 4x256",

@@ -240,7 +240,6 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_images=args.max_images,
-        context_length=predictor.processor.max_length,
         default_max_tokens=args.max_tokens,
         local_images=Path(args.local_images) if args.local_images else None,
         remote_images=args.allow_remote_images,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from vlm.generate import sample
+from vlm.generate import last_only, next_token_logits, positions, sample
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,10 @@ class BatchedGeneration:
             out = self.model.decoder(
                 embeds,
                 attention_mask=mask,
-                position_ids=_positions(mask),
+                position_ids=positions(mask),
                 **{self.model.decoder.cache_argument: cache},
                 use_cache=True,
-                **self._last_only(),
+                **last_only(self.model.decoder),
             )
             media = bridge.take_rows()
         finally:
@@ -129,7 +129,7 @@ class BatchedGeneration:
         for r in requests:
             if r.seed is not None and r.temperature > 0:
                 r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
-        tokens = self._pick(self._logits(out), requests)
+        tokens = self._pick(next_token_logits(self.model, out), requests)
         first = len(self.rows)
         self._join(requests, cache, mask, media)
         self._advance(tokens, first)
@@ -147,7 +147,7 @@ class BatchedGeneration:
             out = self.model.decoder(
                 self.model.decoder.embed(last[:, None]),
                 attention_mask=self.mask,
-                position_ids=_positions(self.mask)[:, -1:],
+                position_ids=positions(self.mask)[:, -1:],
                 **{self.model.decoder.cache_argument: self.cache},
                 use_cache=True,
             )
@@ -159,20 +159,12 @@ class BatchedGeneration:
             return
         finally:
             self.model.bridge.release()
-        self._advance(self._pick(self._logits(out), self.rows))
+        self._advance(self._pick(next_token_logits(self.model, out), self.rows))
 
     def _cancel_if_asked(self, request: Request) -> bool:
         if request.cancelled:
             request.on_finish("cancelled", None)
         return request.cancelled
-
-    def _logits(self, out) -> Tensor:
-        logits = out.logits[:, -1].float()
-        logits[:, self.model.image_token_id] = float("-inf")  # a generated <image> would have no image
-        return logits
-
-    def _last_only(self) -> dict[str, int]:
-        return {"logits_to_keep": 1} if self.model.decoder.supports_logits_to_keep else {}
 
     def _pick(self, logits: Tensor, requests: list[Request]) -> list[int]:
         greedy = logits.argmax(-1).tolist()
@@ -281,7 +273,3 @@ def _pad_left(x: Tensor, width: int, dim: int) -> Tensor:
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _positions(mask: Tensor) -> Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions

@@ -80,14 +80,6 @@ class _Steps:
             return None
         return self.features[torch.cat(self.row_images).to(self.features.device)]
 
-    def _logits(self, out) -> Tensor:
-        logits = out.logits[:, -1].float()
-        logits[:, self.model.image_token_id] = float("-inf")  # a generated <image> would have no image
-        return logits
-
-    def _positions(self, mask: Tensor) -> Tensor:
-        return (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
-
     def first(self) -> Tensor:
         if not self.cache:
             return self._full()
@@ -96,12 +88,12 @@ class _Steps:
         out = self.model.decoder(
             embeds,
             attention_mask=self.mask,
-            position_ids=self._positions(self.mask),
+            position_ids=positions(self.mask),
             **{self.model.decoder.cache_argument: self.past},
             use_cache=True,
-            **self._last_only(),
+            **last_only(self.model.decoder),
         )
-        return self._logits(out)
+        return next_token_logits(self.model, out)
 
     def _new_cache(self):
         if self.config.cache == "static":
@@ -109,16 +101,15 @@ class _Steps:
             return StaticCache(config=self.model.decoder.lm.config, max_cache_len=length)
         return DynamicCache()
 
-    def _last_only(self) -> dict[str, int]:
-        """Only the last position's logits are needed: the LM head skips the rest of the prompt."""
-        return {"logits_to_keep": 1} if self.model.decoder.supports_logits_to_keep else {}
-
     def _full(self) -> Tensor:
         embeds, _ = self.model.prepare_inputs(self.input_ids, image_features=self._row_features())
         out = self.model.decoder(
-            embeds, attention_mask=self.mask, position_ids=self._positions(self.mask), **self._last_only()
+            embeds,
+            attention_mask=self.mask,
+            position_ids=positions(self.mask),
+            **last_only(self.model.decoder),
         )
-        return self._logits(out)
+        return next_token_logits(self.model, out)
 
     def next(self, tokens: Tensor) -> Tensor:
         """Appends ``tokens`` (B,) and returns the logits for the following position."""
@@ -129,11 +120,11 @@ class _Steps:
         out = self.step_forward(
             self.model.decoder.embed(tokens[:, None]),
             attention_mask=self.mask,
-            position_ids=self._positions(self.mask)[:, -1:],
+            position_ids=positions(self.mask)[:, -1:],
             **{self.model.decoder.cache_argument: self.past},
             use_cache=True,
         )
-        return self._logits(out)
+        return next_token_logits(self.model, out)
 
     def reorder(self, rows: Tensor) -> None:
         """Keeps rows ``rows`` (beam search), in that order."""
@@ -142,6 +133,24 @@ class _Steps:
         self.model.bridge.select_rows(rows)
         if self.past is not None:
             self.past.reorder_cache(rows)
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids of left-padded rows ``(B, T)``: left padding does not shift positions."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def last_only(decoder) -> dict[str, int]:
+    """Only the last position's logits are needed: the LM head skips the rest of the prompt."""
+    return {"logits_to_keep": 1} if decoder.supports_logits_to_keep else {}
+
+
+def next_token_logits(model, out) -> Tensor:
+    """The last position's logits ``(B, V)`` in float32, ``<image>`` excluded (a generated
+    placeholder would have no image)."""
+    logits = out.logits[:, -1].float()
+    logits[:, model.image_token_id] = float("-inf")
+    return logits
 
 
 def _compiled(decoder, device_type: str):
