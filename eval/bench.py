@@ -18,6 +18,7 @@ transformers' peak over vlm's.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 import vlm
 from vlm.convert import FORMATS, IMAGE_TOKEN_ID, Size
-from vlm.eval.bench_common import device_name, pick_device, race, write_report
+from vlm.eval.bench_common import device_name, pick_device, race_rounds, spread, write_report
 from vlm.generate import generate
 
 MODELS = tuple(FORMATS)  # every registered checkpoint format
@@ -185,9 +186,18 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
     dtype = getattr(torch, size.dtype)
     rows = []
 
-    def add(measure: str, unit: str, ours: float, theirs: float, higher_is_better: bool = True) -> None:
+    def add(
+        measure: str,
+        unit: str,
+        ours: float,
+        theirs: float,
+        higher_is_better: bool = True,
+        rounds: dict[str, list[float]] | None = None,
+    ) -> None:
         ratio = ours / theirs if higher_is_better else theirs / ours
         rows.append(dict(model=name, measure=measure, unit=unit, vlm=ours, transformers=theirs, ratio=ratio))
+        if rounds is not None:  # seconds per round: vlm's speed over transformers' is their time over ours
+            rows[-1]["ratio_spread"] = spread(rounds["transformers"], rounds["vlm"])
         if progress:
             progress(rows[-1])
 
@@ -197,9 +207,10 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
             params = set_trainable(name, m, which, ours=key == "vlm")
             optimizer = torch.optim.AdamW(params, lr=1e-5)
             steps[key] = _train_step(m, inputs, labels, optimizer, ours=key == "vlm", dtype=dtype)
-        seconds = race(steps, device, warmup=2, iters=iters)
+        rounds = race_rounds(steps, device, warmup=2, iters=iters)
+        seconds = {key: statistics.median(times) for key, times in rounds.items()}
         rows_per_s = size.train_batch / seconds["vlm"], size.train_batch / seconds["transformers"]
-        add(f"train step, {which} trainable", "samples/s", *rows_per_s)
+        add(f"train step, {which} trainable", "samples/s", *rows_per_s, rounds=rounds)
         rows[-1].update(utilisation(steps["vlm"], seconds["vlm"], device))
         if which == "full":
             peaks = {k: _peak_memory(s, device) for k, s in steps.items()}
@@ -232,12 +243,14 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
                 **hf_p, max_new_tokens=n, min_new_tokens=n, do_sample=False, suppress_tokens=[image_id]
             ),
         }
-        seconds = race(steps, device, warmup=1, iters=max(iters // 2, 2))
+        rounds = race_rounds(steps, device, warmup=1, iters=max(iters // 2, 2))
+        seconds = {key: statistics.median(times) for key, times in rounds.items()}
         add(
             f"generate {n} tokens, batch {rows_n}",
             "tokens/s",
             rows_n * n / seconds["vlm"],
             rows_n * n / seconds["transformers"],
+            rounds=rounds,
         )
     return {"guard": guard, "rows": rows}
 
@@ -280,12 +293,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"torch {results['torch']}, transformers {results['transformers']}. Ratio: vlm's speed over "
         "transformers' (memory: transformers' peak over vlm's); above 1 means vlm is better.",
         "",
-        "| model | measure | vlm | transformers | unit | ratio |",
-        "|---|---|---:|---:|---|---:|",
+        "| model | measure | vlm | transformers | unit | ratio | round by round (min / median / max) |",
+        "|---|---|---:|---:|---|---:|---:|",
     ]
     for r in results["rows"]:
         cells = [r["model"], r["measure"], f"{r['vlm']:.2f}", f"{r['transformers']:.2f}", r["unit"]]
-        lines.append("| " + " | ".join(cells) + f" | {r['ratio']:.2f} |")
+        low, mid, high = r.get("ratio_spread", (None, None, None))
+        rounds = f"{low:.2f} / {mid:.2f} / {high:.2f}" if low is not None else "-"
+        lines.append("| " + " | ".join(cells) + f" | {r['ratio']:.2f} | {rounds} |")
     flops = [r for r in results["rows"] if "vlm_tflops" in r]
     if flops:
         lines += ["", "vlm's training steps, FLOPs counted by `FlopCounterMode`:", ""]

@@ -1,7 +1,8 @@
 """What the benchmarks share: the device, the timing, the result files.
 
 - :func:`pick_device` turns ``--device`` into a device (``"auto"``: CUDA when present);
-- :func:`race` times callables in interleaved rounds and gives each one's median;
+- :func:`race` times callables in interleaved rounds and gives each one's median
+  (:func:`race_rounds`: every round's time; :func:`spread`: the round-by-round ratios' range);
 - :func:`write_report` writes ``<stem>-<device>.json`` and its markdown table beside it, so that
   every benchmark's files are named after the machine they ran on.
 """
@@ -48,19 +49,36 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def race(
+def race_rounds(
     calls: Mapping[str, Callable[[], Any]], device: torch.device, *, warmup: int = 1, iters: int = 3
-) -> dict[str, float]:
-    """Median seconds of each callable, run in interleaved rounds (a, b, a, b, ...) after
-    ``warmup`` untimed rounds: drift (clocks, caches, other load) hits every callable alike, and
-    the median ignores the odd slow round."""
+) -> dict[str, list[float]]:
+    """Seconds of each callable in every timed round, the rounds interleaved (a, b, a, b, ...)
+    after ``warmup`` untimed ones: drift (clocks, caches, other load) hits every callable alike,
+    and round ``i`` of one callable pairs with round ``i`` of another."""
     times: dict[str, list[float]] = {key: [] for key in calls}
     for i in range(warmup + iters):
         for key, fn in calls.items():
             seconds = time_call(fn, device)
             if i >= warmup:
                 times[key].append(seconds)
-    return {key: statistics.median(v) for key, v in times.items()}
+    return times
+
+
+def race(
+    calls: Mapping[str, Callable[[], Any]], device: torch.device, *, warmup: int = 1, iters: int = 3
+) -> dict[str, float]:
+    """Median seconds of each callable over :func:`race_rounds` (the median ignores the odd slow
+    round)."""
+    return {
+        key: statistics.median(v) for key, v in race_rounds(calls, device, warmup=warmup, iters=iters).items()
+    }
+
+
+def spread(numerator: list[float], denominator: list[float]) -> list[float]:
+    """``[min, median, max]`` of the round-by-round ratios ``numerator[i] / denominator[i]``: how
+    far one round's ratio moves, the noise a single figure hides."""
+    ratios = sorted(n / d for n, d in zip(numerator, denominator))
+    return [ratios[0], statistics.median(ratios), ratios[-1]]
 
 
 def write_report(

@@ -45,7 +45,7 @@ def test_connector_only_training_leaves_the_rest_frozen(tmp_path):
 
 
 def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
-    results, path = bench.run(["llava"], size="tiny", device="cpu", out=tmp_path, iters=1)
+    results, path = bench.run(["llava"], size="tiny", device="cpu", out=tmp_path, iters=3)
     data = json.loads(path.read_text())
     measures = [row["measure"] for row in data["rows"]]
     assert measures == [
@@ -57,8 +57,17 @@ def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
     for row in data["rows"]:
         assert row["ratio"] == pytest.approx(row["vlm"] / row["transformers"])
         assert row["vlm"] > 0 and row["transformers"] > 0
+        low, median, high = row["ratio_spread"]  # round by round: the noise beside the figure
+        assert 0 < low <= median <= high
     assert data["guards"]["llava"]["max_logit_diff"] <= 1e-4
-    assert "| llava | train step, full trainable |" in path.with_suffix(".md").read_text()
+    table = path.with_suffix(".md").read_text()
+    assert "| llava | train step, full trainable |" in table and "min / median / max" in table
+
+
+def test_spread_pairs_the_rounds():
+    from vlm.eval.bench_common import spread
+
+    assert spread([2.0, 3.0, 8.0], [1.0, 1.0, 2.0]) == [2.0, 3.0, 4.0]
 
 
 def test_training_options_run_every_variant(shapes_dir):
