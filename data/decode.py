@@ -86,8 +86,15 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), mode  # L, 1, CMYK, YCbCr, LAB, HSV, F
 
 
-def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str | None]:
+def decode_image(
+    data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
+) -> tuple[Image.Image, str | None]:
     """Decodes image bytes to RGB with the EXIF orientation applied.
+
+    ``draft_size``: a JPEG at least twice that size on its short side is decoded at 1/2, 1/4
+    or 1/8 scale by the JPEG decoder itself (Pillow's draft mode), to the smallest scale whose
+    short side is still ``draft_size`` or more: for an encoder of that size, the transform's
+    resize then starts from fewer pixels. Other formats decode in full.
 
     Returns the image and the mode it was converted from (``None`` for RGB sources).
     Never raises anything but ``BadSample``, whatever the bytes: its reason is one of
@@ -100,7 +107,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Im
             # Pillow warns about odd metadata (bad EXIF, unknown chunks); the pixels decide.
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(data, max_pixels)
+            return _decode(data, max_pixels, draft_size)
     except BadSample:
         raise
     except UnidentifiedImageError as err:
@@ -115,11 +122,14 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Im
 DECODE_REASONS = ("empty", "not_an_image", "too_large", "truncated", "corrupt")
 
 
-def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str | None]:
+def _decode(data: bytes, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, str | None]:
     image = Image.open(io.BytesIO(data))  # reads the header only; a cut header raises here
     width, height = image.size
     if width * height > max_pixels:
         raise BadSample("too_large", f"{width}x{height} is over {max_pixels} pixels")
+    if draft_size is not None and image.format == "JPEG":
+        # Both sides at least draft_size: the short side, whatever the EXIF orientation.
+        image.draft(None, (draft_size, draft_size))
     image.load()  # a cut body shows only when the pixels are read
     image = ImageOps.exif_transpose(image)
     return to_rgb(image)

@@ -83,7 +83,9 @@ def split_shards(
     return list(urls[rank::world_size][worker::num_workers])
 
 
-def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple[dict[str, Any], str | None]:
+def decode_sample(
+    raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
+) -> tuple[dict[str, Any], str | None]:
     """A tar sample to ``{"key", "url", "image" (PIL RGB), "text" (dict)}`` (plus ``"images"`` when
     it holds several; neither for a text-only conversation) and the mode it was converted from.
 
@@ -126,7 +128,7 @@ def decode_sample(raw: dict[str, Any], *, max_pixels: int = MAX_PIXELS) -> tuple
         }, None
     if not exts:  # a text-only conversation
         return {"key": raw["__key__"], "url": raw.get("__url__", ""), "text": text}, None
-    decoded = [decode_image(raw[ext], max_pixels=max_pixels) for ext in exts]
+    decoded = [decode_image(raw[ext], max_pixels=max_pixels, draft_size=draft_size) for ext in exts]
     sample = {"key": raw["__key__"], "url": raw.get("__url__", ""), "image": decoded[0][0], "text": text}
     if len(exts) > 1:  # several images: KEY.0.jpg, KEY.1.jpg, ... in that order
         sample["images"] = [image for image, _ in decoded]
@@ -158,6 +160,8 @@ class ImageTextShards(IterableDataset):
         seed: the seed of every random choice; the same seed gives the same order.
         rank, world_size: override the distributed position (default: torch.distributed / env).
         max_pixels: decompression-bomb limit.
+        draft_size: decode large JPEGs at a reduced scale that still covers this many pixels
+            on the short side (``decode_image``'s draft mode); ``None`` decodes in full.
         max_bad_fraction: raise :class:`BadDataError`, naming the worst shards, when more than
             this share of the samples read is bad (judged after :data:`BAD_DATA_WINDOW`
             samples and at the end of every pass); ``None`` reads on whatever the share.
@@ -179,6 +183,7 @@ class ImageTextShards(IterableDataset):
         world_size: int | None = None,
         max_pixels: int = MAX_PIXELS,
         max_bad_fraction: float | None = None,
+        draft_size: int | None = None,
     ):
         super().__init__()
         self.urls = expand_shards(shards)
@@ -189,6 +194,7 @@ class ImageTextShards(IterableDataset):
         if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be between 0 and 1, got {max_bad_fraction}")
         self.max_bad_fraction = max_bad_fraction
+        self.draft_size = draft_size
         self.epoch = 0
         self.stats = DecodeStats()
 
@@ -242,7 +248,7 @@ class ImageTextShards(IterableDataset):
         raw_samples = wds.tariterators.tarfile_samples(urls, handler=on_error)
         for raw in self._shuffled(iter(raw_samples), rng):
             try:
-                sample, converted = decode_sample(raw, max_pixels=self.max_pixels)
+                sample, converted = decode_sample(raw, max_pixels=self.max_pixels, draft_size=self.draft_size)
             except BadSample as bad:
                 stats.skipped[bad.reason] += 1
                 by_shard[raw.get("__url__", "")][bad.reason] += 1

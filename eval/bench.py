@@ -2,17 +2,19 @@
 
 Each registered format (:data:`vlm.convert.FORMATS`) builds transformers' model with random
 weights, saves it, and vlm loads it through the format's converter, so both sides compute with
-identical weights. Before any
-timing, both must give the same logits and the same loss (the correctness guard). Then, with
-measurements interleaved so that drift hits both sides alike:
+identical weights. Before any timing, both must give the same logits and the same loss (the
+correctness guard). Then, with measurements interleaved so that drift hits both sides alike:
 
-- a training step (forward, backward, AdamW) with only the connector trainable, then with
-  everything trainable;
-- greedy generation of ``gen_tokens`` new tokens at batch 1 and batch 16;
-- on CUDA, the peak memory of a full training step.
+- a training step (forward, backward, and the AdamW transformers' Trainer builds by default,
+  fused, as vlm's trainer's) with only the connector trainable, then with everything trainable;
+- greedy generation of ``gen_tokens`` new tokens at batch 1 and batch 16, with each library's
+  defaults and then with both at their fastest (static cache, compiled step);
+- on CUDA, the peak memory of a full training step;
+- the data loader (:mod:`vlm.eval.bench_loader`): images/s from shards to batched pixels against
+  a minimal webdataset + torchvision pipeline, and the workers a ``large`` stage-1 step needs.
 
-Every row's ``ratio`` is vlm's speed over transformers' (above 1: vlm is faster); for memory,
-transformers' peak over vlm's.
+Every row's ``ratio`` is vlm's speed over the other side's (above 1: vlm is faster); for memory,
+transformers' peak over vlm's. ``ratio_spread`` is the range of the round-by-round ratios.
 """
 
 from __future__ import annotations
@@ -22,18 +24,29 @@ import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
+import torchvision
 import transformers
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import vlm
 from vlm.convert import FORMATS, IMAGE_TOKEN_ID, Size
-from vlm.eval.bench_common import device_name, pick_device, race_rounds, spread, write_report
+from vlm.eval import bench_loader
+from vlm.eval.bench_common import (
+    PEAK_FLOPS,
+    device_name,
+    pick_device,
+    race_rounds,
+    spread,
+    step_flops,
+    write_report,
+)
 from vlm.generate import generate
 
 MODELS = tuple(FORMATS)  # every registered checkpoint format
@@ -96,6 +109,15 @@ def set_trainable(name: str, model: nn.Module, which: str, *, ours: bool) -> lis
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def training_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer transformers' ``Trainer`` builds by default (fused AdamW, in this version),
+    on both sides: vlm's trainer uses fused AdamW too (``vlm.train.optim``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = transformers.TrainingArguments(output_dir=tmp, learning_rate=1e-5, report_to=[])
+    cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args)
+    return cls(params, **kwargs)
+
+
 def _train_step(
     model, inputs: dict, labels, optimizer, *, ours: bool, dtype: torch.dtype
 ) -> Callable[[], None]:
@@ -110,19 +132,6 @@ def _train_step(
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-#: Dense bf16 tensor-core peaks (FLOP/s) of the GPUs this project may be lent, for MFU.
-PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
-
-
-def step_flops(step: Callable[[], None]) -> int:
-    """FLOPs of one call of ``step``, counted by PyTorch's ``FlopCounterMode`` (matmuls and
-    attention, forward and backward)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    return counter.get_total_flops()
 
 
 def utilisation(step: Callable[[], None], seconds: float, device: torch.device) -> dict[str, float]:
@@ -145,6 +154,26 @@ def _peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
     step()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated(device)
+
+
+def generation_settings(best: bool) -> dict[str, tuple[dict, dict, int]]:
+    """Row suffix -> (vlm's ``generate`` options, transformers' ``generate`` options, warm-up
+    rounds). Each library's defaults; with ``best``, also both at their fastest: a static KV
+    cache and the new-token step compiled (the first calls compile, so two untimed rounds).
+    Both run the LM head at the last prompt position only (``logits_to_keep``) wherever the
+    model takes it: vlm always, transformers by itself in ``generate``."""
+    settings = {"": ({}, {}, 1)}
+    if best:
+        # transformers compiles its step by itself on accelerators only; its CompileConfig flag
+        # asks for it on every device (its default mode, "reduce-overhead", uses CUDA graphs).
+        compile_config = transformers.CompileConfig()
+        compile_config._compile_all_devices = True
+        settings[", static cache + compile"] = (
+            {"cache": "static", "compile": True},
+            {"cache_implementation": "static", "compile_config": compile_config},
+            2,
+        )
+    return settings
 
 
 def check_parity(name: str, hf_model, model, inputs: Inputs, *, atol: float) -> dict[str, float]:
@@ -173,8 +202,11 @@ def check_parity(name: str, hf_model, model, inputs: Inputs, *, atol: float) -> 
     return {"max_logit_diff": logits_diff, "loss_diff": loss_diff}
 
 
-def bench_model(name: str, size: Size, device: torch.device, *, iters: int, progress=None) -> dict[str, Any]:
-    """All rows for one model: the guard, training steps, generation, memory."""
+def bench_model(
+    name: str, size: Size, device: torch.device, *, iters: int, best_settings: bool = True, progress=None
+) -> dict[str, Any]:
+    """All rows for one model: the guard, training steps, generation (each library's defaults,
+    then both at their fastest: :func:`generation_settings`), memory."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model, model, image_id = model_pair(name, size, Path(tmp))
@@ -205,7 +237,7 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
         steps = {}
         for key, m, inputs in (("vlm", model, our_in), ("transformers", hf_model, hf_in)):
             params = set_trainable(name, m, which, ours=key == "vlm")
-            optimizer = torch.optim.AdamW(params, lr=1e-5)
+            optimizer = training_optimizer(params)
             steps[key] = _train_step(m, inputs, labels, optimizer, ours=key == "vlm", dtype=dtype)
         rounds = race_rounds(steps, device, warmup=2, iters=iters)
         seconds = {key: statistics.median(times) for key, times in rounds.items()}
@@ -237,28 +269,42 @@ def bench_model(name: str, size: Size, device: torch.device, *, iters: int, prog
                 hf_p["pixel_values"].to(dtype),
                 our_p["pixel_values"].to(dtype),
             )
-        steps = {
-            "vlm": lambda our_p=our_p: generate(model, **our_p, max_new_tokens=n),
-            "transformers": lambda hf_p=hf_p: hf_model.generate(
-                **hf_p, max_new_tokens=n, min_new_tokens=n, do_sample=False, suppress_tokens=[image_id]
-            ),
-        }
-        rounds = race_rounds(steps, device, warmup=1, iters=max(iters // 2, 2))
-        seconds = {key: statistics.median(times) for key, times in rounds.items()}
-        add(
-            f"generate {n} tokens, batch {rows_n}",
-            "tokens/s",
-            rows_n * n / seconds["vlm"],
-            rows_n * n / seconds["transformers"],
-            rounds=rounds,
-        )
+        for setting, (ours_kw, theirs_kw, warmup) in generation_settings(best_settings).items():
+            steps = {
+                "vlm": lambda our_p=our_p, kw=ours_kw: generate(model, **our_p, max_new_tokens=n, **kw),
+                "transformers": lambda hf_p=hf_p, kw=theirs_kw: hf_model.generate(
+                    **hf_p,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    suppress_tokens=[image_id],
+                    **kw,
+                ),
+            }
+            rounds = race_rounds(steps, device, warmup=warmup, iters=max(iters // 2, 2))
+            seconds = {key: statistics.median(times) for key, times in rounds.items()}
+            add(
+                f"generate {n} tokens, batch {rows_n}{setting}",
+                "tokens/s",
+                rows_n * n / seconds["vlm"],
+                rows_n * n / seconds["transformers"],
+                rounds=rounds,
+            )
     return {"guard": guard, "rows": rows}
 
 
 def run(
-    models=MODELS, size: str = "small", device: str = "auto", out: str | Path = "eval/results", iters: int = 6
+    models=MODELS,
+    size: str = "small",
+    device: str = "auto",
+    out: str | Path = "eval/results",
+    iters: int = 6,
+    *,
+    best_settings: bool = True,
+    loader_images: int = 400,
 ):
-    """Runs the benchmark and writes ``bench-<device>.json`` and ``.md`` under ``out``."""
+    """Runs the benchmark and writes ``bench-<device>.json`` and ``.md`` under ``out``
+    (``loader_images=0`` leaves the loader rows out)."""
     dev = pick_device(device)
     spec = SIZES[size]
     results = {
@@ -267,16 +313,47 @@ def run(
         "shapes": dataclasses.asdict(spec),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "torchvision": torchvision.__version__,
+        "webdataset": version("webdataset"),
+        "pillow": PIL.__version__,
         "rows": [],
         "guards": {},
     }
     bar = tqdm(models, desc="bench", unit="model")
     for name in bar:
         bar.set_postfix(model=name)
-        result = bench_model(name, spec, dev, iters=iters, progress=lambda r: bar.write(format_row(r)))
+        result = bench_model(
+            name,
+            spec,
+            dev,
+            iters=iters,
+            best_settings=best_settings,
+            progress=lambda r: bar.write(format_row(r)),
+        )
         results["rows"] += result["rows"]
         results["guards"][name] = result["guard"]
+    if loader_images:
+        with tempfile.TemporaryDirectory() as tmp:
+            shards = bench_loader.write_shards(Path(tmp), loader_images)
+            rows = bench_loader.loader_rows(shards, loader_images, iters=max(iters // 2, 2))
+        for row in rows:
+            tqdm.write(format_row(row))
+        results["rows"] += rows
+        large = SIZES["large"]
+        results["feeding"] = bench_loader.feeding(bench_loader.stage1_flops(large), rows, pixels=large.image)
+        tqdm.write(feeding_text(results["feeding"]))
     return results, write_report(results, out, "bench", markdown)
+
+
+def feeding_text(feeding: dict[str, Any]) -> str:
+    """One sentence: how many of this machine's loader workers keep the ``large`` stage-1 step fed."""
+    workers = ", ".join(f"{n} {variant}" for variant, n in feeding["workers"].items())
+    return (
+        f"Loader workers for the `large` stage-1 step ({feeding['flops_per_sample'] / 1e12:.2f} TFLOP "
+        f"per sample) at {feeding['mfu']:.0%} MFU on an {feeding['gpu']}: it takes "
+        f"{feeding['samples_per_s']:.0f} images/s at {feeding['pixels']} px, which {workers} "
+        "worker(s) of this machine's speed deliver."
+    )
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -290,8 +367,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# vlm vs transformers on {results['device']} (size `{results['size']}`)",
         "",
-        f"torch {results['torch']}, transformers {results['transformers']}. Ratio: vlm's speed over "
-        "transformers' (memory: transformers' peak over vlm's); above 1 means vlm is better.",
+        f"torch {results['torch']}, transformers {results['transformers']}, torchvision "
+        f"{results['torchvision']}, webdataset {results['webdataset']}, Pillow "
+        f"{results['pillow']}. Ratio: vlm's speed over transformers' (loader rows: over a "
+        "minimal webdataset + torchvision pipeline, in the transformers column; memory: "
+        "transformers' peak over vlm's); above 1 means vlm is better.",
         "",
         "| model | measure | vlm | transformers | unit | ratio | round by round (min / median / max) |",
         "|---|---|---:|---:|---|---:|---:|",
@@ -307,6 +387,8 @@ def markdown(results: dict[str, Any]) -> str:
         for r in flops:
             mfu = f", MFU {r['vlm_mfu']:.1%}" if "vlm_mfu" in r else ""
             lines.append(f"- {r['model']}, {r['measure']}: {r['vlm_tflops']:.3f} TFLOP/s{mfu}")
+    if "feeding" in results:
+        lines += ["", feeding_text(results["feeding"])]
     lines += [
         "",
         "Correctness guard (before timing, same weights): "

@@ -3,6 +3,7 @@
 - :func:`pick_device` turns ``--device`` into a device (``"auto"``: CUDA when present);
 - :func:`race` times callables in interleaved rounds and gives each one's median
   (:func:`race_rounds`: every round's time; :func:`spread`: the round-by-round ratios' range);
+- :func:`step_flops` counts a step's FLOPs, :data:`PEAK_FLOPS` the GPUs' peaks for MFU;
 - :func:`write_report` writes ``<stem>-<device>.json`` and its markdown table beside it, so that
   every benchmark's files are named after the machine they ran on.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
@@ -79,6 +81,19 @@ def spread(numerator: list[float], denominator: list[float]) -> list[float]:
     far one round's ratio moves, the noise a single figure hides."""
     ratios = sorted(n / d for n, d in zip(numerator, denominator))
     return [ratios[0], statistics.median(ratios), ratios[-1]]
+
+
+#: Dense bf16 tensor-core peaks (FLOP/s) of the GPUs this project may be lent, for MFU.
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one call of ``step``, counted by PyTorch's ``FlopCounterMode`` (matmuls and
+    attention, forward and backward)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
 
 
 def write_report(

@@ -118,6 +118,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--iters", type=int, default=6, help="timed rounds per measurement")
     parser.add_argument("--out", default="eval/results", help="where bench-<device>.json/.md go")
     parser.add_argument(
+        "--defaults-only",
+        action="store_true",
+        help="leave out the generation rows at both libraries' fastest settings (they compile)",
+    )
+    parser.add_argument(
+        "--loader-images",
+        type=int,
+        default=400,
+        help="images in the loader rows' shards (0 leaves the loader rows out)",
+    )
+    parser.add_argument(
         "--options",
         action="store_true",
         help="instead: what packing, the feature cache and the KV cache buy (options-<device>.*)",
@@ -268,7 +279,15 @@ def _bench(args: argparse.Namespace) -> int:
         print(path.read_text())
         print(f"wrote {path}")
         return 0
-    _, path = bench.run(args.models, size=args.size, device=args.device, out=args.out, iters=args.iters)
+    _, path = bench.run(
+        args.models,
+        size=args.size,
+        device=args.device,
+        out=args.out,
+        iters=args.iters,
+        best_settings=not args.defaults_only,
+        loader_images=args.loader_images,
+    )
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

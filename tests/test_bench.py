@@ -9,7 +9,7 @@ import torch
 
 from vlm.convert import FORMATS
 from vlm.eval import bench
-from vlm.eval.bench_common import pick_device, race, write_report
+from vlm.eval.bench_common import pick_device, race, step_flops, write_report
 from vlm.eval.bench_options import TRAINING_VARIANTS, cache_rows, image_scaling_rows, training_rows
 
 
@@ -45,14 +45,20 @@ def test_connector_only_training_leaves_the_rest_frozen(tmp_path):
 
 
 def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
-    results, path = bench.run(["llava"], size="tiny", device="cpu", out=tmp_path, iters=3)
+    results, path = bench.run(["llava"], size="tiny", device="cpu", out=tmp_path, iters=3, loader_images=10)
     data = json.loads(path.read_text())
     measures = [row["measure"] for row in data["rows"]]
     assert measures == [
         "train step, connector trainable",
         "train step, full trainable",
         "generate 8 tokens, batch 1",
+        "generate 8 tokens, batch 1, static cache + compile",
         "generate 8 tokens, batch 16",
+        "generate 8 tokens, batch 16, static cache + compile",
+        "shards to pixels 224 px, one worker",
+        "shards to pixels 224 px, one worker, draft decoding",
+        "shards to pixels 336 px, one worker",
+        "shards to pixels 336 px, one worker, draft decoding",
     ]
     for row in data["rows"]:
         assert row["ratio"] == pytest.approx(row["vlm"] / row["transformers"])
@@ -60,8 +66,25 @@ def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
         low, median, high = row["ratio_spread"]  # round by round: the noise beside the figure
         assert 0 < low <= median <= high
     assert data["guards"]["llava"]["max_logit_diff"] <= 1e-4
+    assert {"torch", "transformers", "torchvision", "webdataset", "pillow"} <= set(data)
+    assert data["feeding"]["pixels"] == bench.SIZES["large"].image
+    assert set(data["feeding"]["workers"]) == {"with full decoding", "with draft decoding"}
     table = path.with_suffix(".md").read_text()
     assert "| llava | train step, full trainable |" in table and "min / median / max" in table
+    assert "| loader | shards to pixels 336 px, one worker |" in table and "Loader workers for" in table
+
+
+def test_both_sides_train_with_the_optimizer_transformers_trainer_builds():
+    optimizer = bench.training_optimizer([torch.nn.Parameter(torch.zeros(3))])
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+
+
+def test_best_settings_ask_both_sides_for_a_static_cache_and_a_compiled_step():
+    settings = bench.generation_settings(best=True)
+    ours, theirs, warmup = settings[", static cache + compile"]
+    assert ours == {"cache": "static", "compile": True}
+    assert theirs["cache_implementation"] == "static" and theirs["compile_config"]._compile_all_devices
+    assert warmup == 2 and list(bench.generation_settings(best=False)) == [""]
 
 
 def test_spread_pairs_the_rounds():
@@ -93,7 +116,7 @@ def test_step_flops_counts_a_matmul_forward_and_backward():
     def step():
         (x @ w).sum().backward()
 
-    assert bench.step_flops(step) == 3 * 2 * 16 * 64 * 32
+    assert step_flops(step) == 3 * 2 * 16 * 64 * 32
 
 
 def test_cache_variants_are_compared_to_the_dynamic_cache():
