@@ -72,6 +72,9 @@ def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
     table = path.with_suffix(".md").read_text()
     assert "| llava | train step, full trainable |" in table and "min / median / max" in table
     assert "| loader | shards to pixels 336 px, one worker |" in table and "Loader workers for" in table
+    before = [r["per_tensor_adamw"] for r in data["rows"] if "per_tensor_adamw" in r]
+    assert len(before) == 2 and all(b["ratio"] == pytest.approx(b["vlm"] / b["transformers"]) for b in before)
+    assert "vlm fused / vlm loop" in table
 
 
 def test_both_sides_train_with_the_optimizer_transformers_trainer_builds():

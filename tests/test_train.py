@@ -290,3 +290,18 @@ def test_a_few_bad_samples_still_train(shapes_dir, tmp_path):
     tree["run"]["out"] = str(tmp_path / "strict")
     with pytest.raises(TrainingError, match=r"3 of the 19 samples read are bad \(16%"):
         train(recipe_from_dict(tree), progress=False)
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_draft_decode_hands_the_encoders_size_to_the_decoder(shapes_dir, tmp_path, draft):
+    from vlm.processor import Processor
+    from vlm.train.distributed import Dist
+    from vlm.train.trainer import make_train_loader
+
+    recipe = recipe_from_dict(tiny_recipe(shapes_dir, tmp_path), [f"data.draft_decode={str(draft).lower()}"])
+    tokenizer = recipe_tokenizer(recipe.data.tokenizer)
+    model = build_training_model(recipe, tokenizer)
+    processor = Processor(tokenizer, tokens_per_image=model.tokens_per_image, config=model.config.processor)
+    loader = make_train_loader(recipe, model, processor, Dist(), 4, recipe.data.train)
+    assert loader.dataset.samples.draft_size == (32 if draft else None)
+    assert next(iter(loader))["pixel_values"].shape[1:] == (3, 32, 32)

@@ -50,6 +50,10 @@ class DataConfig:
         max_bad_fraction: stop the run, naming the worst shards, when more than this share of
             the samples read is undecodable or lacks its text (a few bad samples are skipped
             and counted; mostly bad data is a wrong path or a broken download).
+        draft_decode: decode JPEGs at least twice the encoder's size at 1/2, 1/4 or 1/8 scale
+            in the JPEG decoder itself (Pillow's draft mode), never below the encoder's size:
+            1.26x the images/s of one worker at 224 px from 640 x 480 photos
+            (``eval/results/bench-*.md``), with pixels a little off full decoding's.
     """
 
     train: str | list[str] = ""
@@ -64,6 +68,7 @@ class DataConfig:
     pack_turns: bool = False
     pack_length: int = 0
     max_bad_fraction: float = 0.5
+    draft_decode: bool = False
 
 
 @dataclass

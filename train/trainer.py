@@ -157,6 +157,7 @@ def make_train_loader(
         pack_length=data.pack_length,
         shuffle_buffer=data.shuffle_buffer,
         max_bad_fraction=data.max_bad_fraction,
+        draft_size=model.encoder.image_size if data.draft_decode else None,
         seed=recipe.run.seed,
         **shard_rank,
     )
