@@ -118,7 +118,7 @@ def training_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return cls(params, **kwargs)
 
 
-def _train_step(
+def train_step(
     model, inputs: dict, labels, optimizer, *, ours: bool, dtype: torch.dtype
 ) -> Callable[[], None]:
     device = labels.device
@@ -238,10 +238,10 @@ def bench_model(
         for key, m, inputs in (("vlm", model, our_in), ("transformers", hf_model, hf_in)):
             params = set_trainable(name, m, which, ours=key == "vlm")
             ours = key == "vlm"
-            steps[key] = _train_step(m, inputs, labels, training_optimizer(params), ours=ours, dtype=dtype)
+            steps[key] = train_step(m, inputs, labels, training_optimizer(params), ours=ours, dtype=dtype)
             # Before: the per-tensor AdamW loop (PyTorch's CPU default), which this benchmark used.
             loop = torch.optim.AdamW(params, lr=1e-5)
-            steps[f"{key}, per-tensor AdamW"] = _train_step(m, inputs, labels, loop, ours=ours, dtype=dtype)
+            steps[f"{key}, per-tensor AdamW"] = train_step(m, inputs, labels, loop, ours=ours, dtype=dtype)
         rounds = race_rounds(steps, device, warmup=2, iters=iters)
         seconds = {key: statistics.median(times) for key, times in rounds.items()}
         rows_per_s = size.train_batch / seconds["vlm"], size.train_batch / seconds["transformers"]
@@ -357,12 +357,15 @@ def run(
 
 def feeding_text(feeding: dict[str, Any]) -> str:
     """One sentence: how many of this machine's loader workers keep the ``large`` stage-1 step fed."""
-    workers = ", ".join(f"{n} {variant}" for variant, n in feeding["workers"].items())
+    rates = feeding["images_per_s_per_worker"]
+    workers = ", ".join(
+        f"{n} {variant} ({rates[variant]:.0f} images/s each)" for variant, n in feeding["workers"].items()
+    )
     return (
         f"Loader workers for the `large` stage-1 step ({feeding['flops_per_sample'] / 1e12:.2f} TFLOP "
         f"per sample) at {feeding['mfu']:.0%} MFU on an {feeding['gpu']}: it takes "
-        f"{feeding['samples_per_s']:.0f} images/s at {feeding['pixels']} px, which {workers} "
-        "worker(s) of this machine's speed deliver."
+        f"{feeding['samples_per_s']:.0f} images/s at {feeding['pixels']} px, so it needs, in workers "
+        f"as fast as this machine's cores: {workers}."
     )
 
 

@@ -12,7 +12,7 @@ import uvicorn
 from tqdm import tqdm
 
 from vlm.data.decode import DecodeStats
-from vlm.eval import bench, bench_convert, bench_options, bench_serve
+from vlm.eval import bench, bench_convert, bench_options, bench_profile, bench_serve
 from vlm.eval.chat import chat_loop
 from vlm.eval.evaluate import evaluate, evaluate_shots, score_file
 from vlm.eval.predict import (
@@ -127,6 +127,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=400,
         help="images in the loader rows' shards (0 leaves the loader rows out)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=list(bench.MODELS),
+        help="instead: torch.profiler's top operators of this model's training steps (profile-<model>-*.md)",
     )
     parser.add_argument(
         "--options",
@@ -264,6 +269,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """vlm against transformers' LLaVA / BLIP-2 / IDEFICS on the same weights (eval/bench.py)."""
+    if args.profile:
+        path = bench_profile.run(args.profile, size=args.size, device=args.device, out=args.out)
+        print(path.read_text())
+        print(f"wrote {path}")
+        return 0
     if args.options:
         path = bench_options.run(out=args.out, device=args.device)
         print(path.with_suffix(".md").read_text())

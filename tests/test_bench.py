@@ -149,3 +149,13 @@ def test_write_report_names_the_files_after_the_device(tmp_path):
     assert (
         not write_report({"device": "cpu-x86_64-2threads"}, tmp_path, "convert").with_suffix(".md").exists()
     )
+
+
+def test_profile_tables_name_each_side_and_its_operators(tmp_path):
+    from vlm.eval import bench_profile
+
+    path = bench_profile.run("idefics", size="tiny", device="cpu", out=tmp_path)
+    text = path.read_text()
+    for title in ("vlm, connector trainable", "transformers, full trainable"):
+        assert f"## {title}" in text
+    assert "aten::mm" in text and "Self CPU" in text

@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.config import ModelConfig
+from vlm.loss import IGNORE_INDEX, cross_entropy
 from vlm.packing import packed_mask
 from vlm.registry import BRIDGES, DECODERS, ENCODERS
 from vlm.weights import save_pretrained
-
-IGNORE_INDEX = -100  # label of positions that do not count in the loss
 
 
 @dataclass
@@ -142,11 +140,8 @@ class VisionLanguageModel(nn.Module):
             self.bridge.release()
         loss = None
         if keep is not None:
-            loss = F.cross_entropy(
-                out.logits.flatten(0, 1).float(),
-                labels[:, 1:][:, keep].flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction=loss_reduction,
+            loss = cross_entropy(
+                out.logits.flatten(0, 1), labels[:, 1:][:, keep].flatten(), reduction=loss_reduction
             )
         elif labels is not None:
             loss = answer_loss(out.logits, labels, reduction=loss_reduction)
@@ -240,12 +235,7 @@ def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
 
 def answer_loss(logits: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy over the positions whose label is not ``-100``."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )
+    return cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction=reduction)
 
 
 def build_model(config: ModelConfig | dict[str, Any], *, empty: bool = False) -> VisionLanguageModel:
