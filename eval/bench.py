@@ -10,6 +10,7 @@ correctness guard). Then, with measurements interleaved so that drift hits both 
 - greedy generation of ``gen_tokens`` new tokens at batch 1 and batch 16, with each library's
   defaults and then with both at their fastest (static cache, compiled step);
 - on CUDA, the peak memory of a full training step;
+- the training loss alone: vlm's cross-entropy against ``F.cross_entropy``;
 - the data loader (:mod:`vlm.eval.bench_loader`): images/s from shards to batched pixels against
   a minimal webdataset + torchvision pipeline, and the workers a ``large`` stage-1 step needs.
 
@@ -30,6 +31,7 @@ from typing import Any
 
 import PIL
 import torch
+import torch.nn.functional as F
 import torchvision
 import transformers
 from torch import nn
@@ -48,6 +50,7 @@ from vlm.eval.bench_common import (
     write_report,
 )
 from vlm.generate import generate
+from vlm.loss import IGNORE_INDEX, cross_entropy
 
 MODELS = tuple(FORMATS)  # every registered checkpoint format
 
@@ -303,6 +306,39 @@ def bench_model(
     return {"guard": guard, "rows": rows}
 
 
+def loss_row(size: Size, device: torch.device, *, iters: int) -> dict[str, Any]:
+    """The training loss alone, forward and backward, over the logits of one training batch's
+    answer tokens: vlm's cross-entropy against ``F.cross_entropy`` (which transformers' causal-LM
+    loss calls)."""
+    g = torch.Generator().manual_seed(0)
+    rows = size.train_batch * size.answer
+    logits = torch.randn(rows, size.vocab, generator=g).to(device)
+    targets = torch.randint(0, size.vocab, (rows,), generator=g).to(device)
+
+    def timed(loss_fn):
+        def step():
+            x = logits.detach().requires_grad_()
+            loss_fn(x).backward()
+
+        return step
+
+    steps = {
+        "vlm": timed(lambda x: cross_entropy(x, targets)),
+        "transformers": timed(lambda x: F.cross_entropy(x, targets, ignore_index=IGNORE_INDEX)),
+    }
+    rounds = race_rounds(steps, device, warmup=2, iters=3 * iters)
+    seconds = {key: statistics.median(times) for key, times in rounds.items()}
+    return dict(
+        model="loss",
+        measure=f"cross-entropy, {rows} tokens x {size.vocab} vocabulary, forward + backward",
+        unit="calls/s",
+        vlm=1 / seconds["vlm"],
+        transformers=1 / seconds["transformers"],
+        ratio=seconds["transformers"] / seconds["vlm"],
+        ratio_spread=spread(rounds["transformers"], rounds["vlm"]),
+    )
+
+
 def run(
     models=MODELS,
     size: str = "small",
@@ -342,6 +378,8 @@ def run(
         )
         results["rows"] += result["rows"]
         results["guards"][name] = result["guard"]
+    results["rows"].append(loss_row(spec, dev, iters=iters))
+    tqdm.write(format_row(results["rows"][-1]))
     if loader_images:
         with tempfile.TemporaryDirectory() as tmp:
             shards = bench_loader.write_shards(Path(tmp), loader_images)

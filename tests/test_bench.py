@@ -55,6 +55,7 @@ def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
         "generate 8 tokens, batch 1, static cache + compile",
         "generate 8 tokens, batch 16",
         "generate 8 tokens, batch 16, static cache + compile",
+        "cross-entropy, 8 tokens x 512 vocabulary, forward + backward",
         "shards to pixels 224 px, one worker",
         "shards to pixels 224 px, one worker, draft decoding",
         "shards to pixels 336 px, one worker",

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vlm.loss
 from vlm.loss import IGNORE_INDEX, cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def two_pass_everywhere(monkeypatch):
+    """The tests' logits are small: the two-pass path is taken at any size here."""
+    monkeypatch.setattr(vlm.loss, "TWO_PASS_MIN_LOGITS", 0)
 
 
 def _case(seed: int, rows: int = 7, vocab: int = 50, ignored: int = 2, dtype=torch.float32):
@@ -57,3 +64,11 @@ def test_bad_input_is_refused():
         cross_entropy(logits[None], targets)
     with pytest.raises(ValueError, match=r"\(N, V\)"):
         cross_entropy(logits, targets[:3])
+
+
+def test_small_logits_go_to_torch(monkeypatch):
+    monkeypatch.setattr(vlm.loss, "TWO_PASS_MIN_LOGITS", 1000)
+    small, targets = _case(4, rows=4, vocab=10)
+    assert cross_entropy(small.requires_grad_(), targets).grad_fn.name() == "NllLossBackward0"
+    large, targets = _case(4, rows=20, vocab=100)
+    assert "CrossEntropy" in cross_entropy(large.requires_grad_(), targets).grad_fn.name()
