@@ -205,19 +205,27 @@ def check_parity(name: str, hf_model, model, inputs: Inputs, *, atol: float) -> 
     return {"max_logit_diff": logits_diff, "loss_diff": loss_diff}
 
 
-def bench_model(
-    name: str, size: Size, device: torch.device, *, iters: int, best_settings: bool = True, progress=None
-) -> dict[str, Any]:
-    """All rows for one model: the guard, training steps, generation (each library's defaults,
-    then both at their fastest: :func:`generation_settings`), memory."""
+def prepared_pair(name: str, size: Size, device: torch.device) -> tuple[nn.Module, Any, int, Inputs]:
+    """Both models on ``device`` (seeded weights), the image token, and one training batch in
+    both layouts on ``device``."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model, model, image_id = model_pair(name, size, Path(tmp))
     hf_model.to(device), model.to(device)
     batch = make_inputs(name, model, size, size.train_batch, answer=size.answer)
     to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-    hf_in, our_in, labels = to(batch.hf), to(batch.ours), batch.labels.to(device)
-    guard = check_parity(name, hf_model, model, Inputs(hf_in, our_in, labels), atol=1e-4)
+    return hf_model, model, image_id, Inputs(to(batch.hf), to(batch.ours), batch.labels.to(device))
+
+
+def bench_model(
+    name: str, size: Size, device: torch.device, *, iters: int, best_settings: bool = True, progress=None
+) -> dict[str, Any]:
+    """All rows for one model: the guard, training steps, generation (each library's defaults,
+    then both at their fastest: :func:`generation_settings`), memory."""
+    hf_model, model, image_id, batch = prepared_pair(name, size, device)
+    hf_in, our_in, labels = batch.hf, batch.ours, batch.labels
+    to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    guard = check_parity(name, hf_model, model, batch, atol=1e-4)
     dtype = getattr(torch, size.dtype)
     rows = []
 

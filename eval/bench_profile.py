@@ -7,14 +7,13 @@ goes, operator by operator, so that a change can aim at what costs the most.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
-from vlm.eval.bench import SIZES, make_inputs, model_pair, set_trainable, train_step, training_optimizer
+from vlm.eval.bench import SIZES, prepared_pair, set_trainable, train_step, training_optimizer
 from vlm.eval.bench_common import device_name, pick_device
 
 
@@ -25,13 +24,8 @@ def profile_tables(
     warm-up steps), sorted by self time."""
     dev = pick_device(device)
     spec = SIZES[size]
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model, model, _ = model_pair(name, spec, Path(tmp))
-    hf_model.to(dev), model.to(dev)
-    batch = make_inputs(name, model, spec, spec.train_batch, answer=spec.answer)
-    to = lambda d: {k: v.to(dev) for k, v in d.items()}  # noqa: E731
-    inputs = {"vlm": (model, to(batch.ours)), "transformers": (hf_model, to(batch.hf))}
+    hf_model, model, _, batch = prepared_pair(name, spec, dev)
+    inputs = {"vlm": (model, batch.ours), "transformers": (hf_model, batch.hf)}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     tables = {}
@@ -41,7 +35,7 @@ def profile_tables(
             step = train_step(
                 m,
                 side_inputs,
-                batch.labels.to(dev),
+                batch.labels,
                 training_optimizer(params),
                 ours=side == "vlm",
                 dtype=getattr(torch, spec.dtype),

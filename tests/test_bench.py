@@ -47,6 +47,7 @@ def test_connector_only_training_leaves_the_rest_frozen(tmp_path):
 def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
     results, path = bench.run(["llava"], size="tiny", device="cpu", out=tmp_path, iters=3, loader_images=10)
     data = json.loads(path.read_text())
+    tiny = bench.SIZES["tiny"]
     measures = [row["measure"] for row in data["rows"]]
     assert measures == [
         "train step, connector trainable",
@@ -55,7 +56,8 @@ def test_run_writes_json_and_markdown_with_a_ratio_per_row(tmp_path):
         "generate 8 tokens, batch 1, static cache + compile",
         "generate 8 tokens, batch 16",
         "generate 8 tokens, batch 16, static cache + compile",
-        "cross-entropy, 8 tokens x 512 vocabulary, forward + backward",
+        f"cross-entropy, {tiny.train_batch * tiny.answer} tokens x {tiny.vocab} vocabulary, "
+        "forward + backward",
         "shards to pixels 224 px, one worker",
         "shards to pixels 224 px, one worker, draft decoding",
         "shards to pixels 336 px, one worker",

@@ -52,7 +52,7 @@ class DataConfig:
             and counted; mostly bad data is a wrong path or a broken download).
         draft_decode: decode JPEGs at least twice the encoder's size at 1/2, 1/4 or 1/8 scale
             in the JPEG decoder itself (Pillow's draft mode), never below the encoder's size:
-            1.26x the images/s of one worker at 224 px from 640 x 480 photos
+            1.3x to 1.45x the images/s of one worker at 224 px from 640 x 480 photos
             (``eval/results/bench-*.md``), with pixels a little off full decoding's.
     """
 
