@@ -93,12 +93,15 @@ def load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
 
 
 def image_stats(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalisation in ``preprocessor_config.json``, or CLIP's (what these models use)."""
-    file = path / "preprocessor_config.json"
-    if file.is_file():
-        pre = json.loads(file.read_text())
-        if "image_mean" in pre and "image_std" in pre:
-            return tuple(pre["image_mean"]), tuple(pre["image_std"])
+    """The normalisation in ``preprocessor_config.json`` (or in ``processor_config.json``'s
+    image processor, where recent transformers save it), or CLIP's (what these models use)."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        file = path / name
+        if file.is_file():
+            pre = json.loads(file.read_text())
+            pre = pre.get(key, {}) if key else pre
+            if "image_mean" in pre and "image_std" in pre:
+                return tuple(pre["image_mean"]), tuple(pre["image_std"])
     return CLIP_MEAN, CLIP_STD
 
 
@@ -149,6 +152,69 @@ def vit_state(weights: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
             f"{src}mlp.fc2.": f"{dst}mlp.2.",
         }
     return out | select(w, rename)
+
+
+def clip_vision_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """vlm ViT's tensors as a transformers CLIP vision tower's (names under the tower): the
+    inverse of :func:`vit_state`, the fused ``qkv`` split back into ``q``, ``k``, ``v``."""
+    w = dict(state)
+    out = {
+        "embeddings.class_embedding": w.pop("class_token"),
+        "embeddings.position_embedding.weight": w.pop("pos_embed"),
+        "embeddings.patch_embedding.weight": w.pop("patch_embed.weight"),
+    }
+    rename = {"norm_pre.": "pre_layrnorm.", "norm.": "post_layernorm."}
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            for name, part in zip("qkv", w.pop(f"{src}attn.qkv.{kind}").chunk(3)):
+                out[f"{dst}self_attn.{name}_proj.{kind}"] = part
+        rename |= {
+            f"{src}attn.out.": f"{dst}self_attn.out_proj.",
+            f"{src}norm1.": f"{dst}layer_norm1.",
+            f"{src}norm2.": f"{dst}layer_norm2.",
+            f"{src}mlp.0.": f"{dst}mlp.fc1.",
+            f"{src}mlp.2.": f"{dst}mlp.fc2.",
+        }
+    return out | select(w, rename)
+
+
+#: vlm's ViT activations by the names transformers' configs give them.
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def clip_vision_config(encoder: Any) -> dict[str, Any]:
+    """A transformers ``CLIPVisionConfig``'s keys for vlm's ViT config ``encoder``, or a
+    ``ConfigError`` naming each option CLIP's tower has no counterpart for."""
+    problems = {
+        f"encoder {encoder.name!r} (only vlm's ViT exports)": encoder.name != "vit",
+        f"encoder.stem={getattr(encoder, 'stem', None)!r}": getattr(encoder, "stem", "patch") != "patch",
+        "encoder.patch_bias=true": getattr(encoder, "patch_bias", False),
+        "encoder.pre_norm=false": not getattr(encoder, "pre_norm", True),
+        "encoder.final_norm=true": getattr(encoder, "final_norm", False),
+        f"encoder.act={getattr(encoder, 'act', None)!r}": getattr(encoder, "act", "gelu")
+        not in HF_ACTIVATIONS,
+    }
+    refuse(problems, "transformers' CLIP vision tower")
+    return dict(
+        hidden_size=encoder.width,
+        intermediate_size=round(encoder.width * encoder.mlp_ratio),
+        num_hidden_layers=encoder.depth,
+        num_attention_heads=encoder.num_heads,
+        image_size=encoder.image_size,
+        patch_size=encoder.patch_size,
+        layer_norm_eps=encoder.layer_norm_eps,
+        hidden_act=HF_ACTIVATIONS[encoder.act],
+    )
+
+
+def refuse(problems: dict[str, bool], target: str) -> None:
+    """One ``ConfigError`` naming every option (the keys that are true) ``target`` lacks."""
+    found = [k for k, v in problems.items() if v]
+    if found:
+        raise ConfigError(
+            f"this model does not export to {target}: " + ", ".join(found) + " has no counterpart there"
+        )
 
 
 def _position_table(w: dict[str, Tensor]) -> Tensor:

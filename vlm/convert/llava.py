@@ -3,15 +3,27 @@ projector, any causal LM."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 
 from vlm.bridges.linear import ProjectorConfig
 from vlm.config import ModelConfig
-from vlm.convert.common import finish, load_exact, read_weights, select, vit_config, vit_state
+from vlm.convert.common import (
+    clip_vision_config,
+    clip_vision_state,
+    finish,
+    load_exact,
+    read_weights,
+    refuse,
+    select,
+    vit_config,
+    vit_state,
+)
 from vlm.convert.reference import Size, llama_config, vision_config
 from vlm.convert.registry import Format, register_format
 from vlm.decoders.hf import HFDecoderConfig
@@ -29,6 +41,10 @@ LANGUAGE = {
 }
 
 
+#: vlm's projector bridges by the activation transformers' LLaVA projector puts between its linears.
+PROJECTOR_ACTS = {"mlp2x_gelu": "gelu", "linear": "linear"}
+
+
 def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
     vision = hf.vision_config
     if vision.model_type != "clip_vision_model":
@@ -40,22 +56,36 @@ def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
         raise ConfigError(
             f"vision_feature_layer={layer} (several layers) is not supported; vlm takes one layer"
         )
-    if hf.projector_hidden_act != "gelu":
+    if hf.projector_hidden_act not in PROJECTOR_ACTS.values():
         raise ConfigError(
-            f"projector_hidden_act={hf.projector_hidden_act!r} is not supported; vlm's projector uses gelu"
+            f"projector_hidden_act={hf.projector_hidden_act!r} is not supported; vlm's projectors use "
+            "gelu, or linear with an identity second layer (what vlm exports a linear bridge as)"
         )
+    weights = read_weights(path)
+    projector = select(weights, PROJECTOR)
+    bridge = "mlp2x_gelu"
+    if hf.projector_hidden_act == "linear":
+        bridge = "linear"
+        second = projector.pop("linear_2.weight")
+        bias = projector.pop("linear_2.bias", None)
+        if not torch.equal(second, torch.eye(len(second), dtype=second.dtype)) or (
+            bias is not None and bias.any()
+        ):
+            raise ConfigError(
+                "a linear LLaVA projector converts only with an identity second layer (as vlm exports "
+                "a linear bridge); this one has another"
+            )
     config = ModelConfig(
         encoder=vit_config(
             vision, path, feature_layer=layer, keep_class_token=hf.vision_feature_select_strategy == "full"
         ),
-        bridge=ProjectorConfig(name="mlp2x_gelu", bias=getattr(hf, "multimodal_projector_bias", True)),
+        bridge=ProjectorConfig(name=bridge, bias=getattr(hf, "multimodal_projector_bias", True)),
         decoder=HFDecoderConfig(hf_config=hf.text_config.to_dict(), freeze=True),
         image_token_id=hf.image_token_id,
     )
     model = build_model(config, empty=True)  # the checkpoint's tensors become its parameters
-    weights = read_weights(path)
     load_exact(model.encoder, vit_state(select(weights, VISION), vision.num_hidden_layers), "vision tower")
-    load_exact(model.bridge, select(weights, PROJECTOR), "projector")
+    load_exact(model.bridge, projector, "projector")
     load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
     return finish(model, weights)
 
@@ -73,6 +103,64 @@ def reference_llava(size: Size, image_token_id: int) -> nn.Module:
     return transformers.LlavaForConditionalGeneration(config)
 
 
+def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """transformers' ``LlavaForConditionalGeneration`` holding ``model``'s weights, and its
+    ``LlavaProcessor``. A ``linear`` bridge becomes the projector's first linear, an identity
+    activation and an identity second linear (exact)."""
+    enc, bridge, processor = model.config.encoder, model.config.bridge, model.config.processor
+    vision = clip_vision_config(enc)
+    refuse(
+        {
+            f"processor.resize={processor.resize!r} (LlavaProcessor resizes and centre-crops)": (
+                processor.resize != "crop"
+            ),
+            f"bridge {bridge.name!r}": bridge.name not in PROJECTOR_ACTS,
+            f"bridge.merge={getattr(bridge, 'merge', 1)}": getattr(bridge, "merge", 1) != 1,
+        },
+        "LlavaForConditionalGeneration",
+    )
+    lm = model.decoder.lm
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**vision),
+        text_config=copy.deepcopy(lm.config),
+        image_token_id=model.image_token_id,
+        projector_hidden_act=PROJECTOR_ACTS[bridge.name],
+        vision_feature_layer=model.encoder.blocks_to_run - enc.depth - 1,
+        vision_feature_select_strategy="full" if enc.keep_class_token else "default",
+        multimodal_projector_bias=bridge.bias,
+        image_seq_length=model.tokens_per_image,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    hf = transformers.LlavaForConditionalGeneration(config)
+    tower = getattr(hf.model.vision_tower, "vision_model", hf.model.vision_tower)
+    tower.load_state_dict(clip_vision_state(model.encoder.state_dict(), enc.depth))
+    projector = model.bridge.state_dict()
+    if bridge.name == "linear":
+        width = lm.config.get_text_config().hidden_size
+        projector["linear_2.weight"] = torch.eye(width, dtype=projector["linear_1.weight"].dtype)
+        if bridge.bias:
+            projector["linear_2.bias"] = torch.zeros_like(projector["linear_1.bias"])
+    hf.model.multi_modal_projector.load_state_dict(projector)
+    hf.model.language_model.load_state_dict(lm.base_model.state_dict())
+    hf.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    hf.to(next(model.parameters()).dtype)
+    size = enc.image_size
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(model.encoder.mean),
+        image_std=list(model.encoder.std),
+    )
+    return hf, transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=enc.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's class token
+        image_token=tokenizer.convert_ids_to_tokens(model.image_token_id),
+    )
+
+
 FORMAT = register_format(
     Format(
         name="llava",
@@ -80,5 +168,7 @@ FORMAT = register_format(
         convert=convert_llava,
         reference=reference_llava,
         connector=("multi_modal_projector",),
+        export=export_llava,
+        bridges=tuple(PROJECTOR_ACTS),
     )
 )

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.convert.reference import IMAGE_TOKEN_ID, Size, placeholder_tokenizer
+from vlm.schema import ConfigError
 
 
 def same_layout(inputs: dict[str, Tensor], image_token_id: int) -> dict[str, Tensor]:
@@ -38,6 +39,10 @@ class Format:
         hf_inputs: ``hf_inputs(inputs, image_token_id) -> inputs`` turns vlm's inputs
             (``input_ids`` with placeholders, ``pixel_values`` ``(N_img, 3, H, W)`` in reading
             order) into the keyword arguments transformers' model takes for the same batch.
+        export: ``export(model, tokenizer) -> (transformers model, processor)``: the way back,
+            for vlm models whose bridge is one of ``bridges``; a ``ConfigError`` names any part
+            or option the format has no counterpart for.
+        bridges: the vlm bridges ``export`` takes.
     """
 
     name: str
@@ -46,6 +51,8 @@ class Format:
     reference: Callable[[Size, int], nn.Module]
     connector: tuple[str, ...]
     hf_inputs: Callable[[dict[str, Tensor], int], dict[str, Tensor]] = same_layout
+    export: Callable[[Any, Any], tuple[nn.Module, Any]] | None = None
+    bridges: tuple[str, ...] = ()
 
     def connector_of(self, model: nn.Module) -> list[nn.Module | nn.Parameter]:
         """The connector's parts in transformers' ``model`` (``requires_grad_`` works on each)."""
@@ -107,3 +114,21 @@ CONVERTERS: Mapping[str, Callable[[Path, Any], Any]] = _Converters()
 def supported() -> list[str]:
     """The transformers architectures vlm converts."""
     return sorted(CONVERTERS)
+
+
+def export_transformers(model: Any, tokenizer: Any, out: str | Path) -> tuple[Format, Path]:
+    """Writes ``model`` as a transformers checkpoint of the format that takes its bridge
+    (config, safetensors weights, tokenizer, processor) to ``out``."""
+    bridge = model.config.bridge.name
+    fmt = next((f for f in FORMATS.values() if f.export is not None and bridge in f.bridges), None)
+    if fmt is None:
+        takes = {b: f.name for f in FORMATS.values() if f.export is not None for b in f.bridges}
+        raise ConfigError(
+            f"no transformers format takes a {bridge!r} bridge; exportable bridges: "
+            + ", ".join(f"{b} ({n})" for b, n in takes.items())
+        )
+    hf_model, processor = fmt.export(model, tokenizer)
+    out = Path(out)
+    hf_model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return fmt, out
