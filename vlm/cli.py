@@ -2,7 +2,7 @@
 
 Each package contributes its own subcommands (``vlm.data.cli``, ``vlm.train.cli``,
 ``vlm.eval.cli``); the commands that span packages (``demo``) or need only the model core
-(``save``) live here.
+(``save``, ``export``) live here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from vlm.convert import export_transformers
 from vlm.data import cli as data_cli
 from vlm.data.shapes import FOLLOW_UPS, combination
 from vlm.eval import cli as eval_cli
@@ -139,6 +140,15 @@ def _save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Writes a vlm model as a transformers checkpoint (config, safetensors, tokenizer, processor)."""
+    source = Path(args.model)
+    model = from_pretrained(source)
+    fmt, out = export_transformers(model, load_tokenizer(source), args.out)
+    print(f"wrote {out}: {fmt.architectures[0]}, loads with transformers' AutoModelForImageTextToText")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Vision-language models: train, caption, ask.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the weights (default: keep the checkpoint's dtype)",
     )
     save.set_defaults(func=_save)
+
+    export = add_subcommand(
+        commands, "export", help="write a vlm model as a transformers checkpoint (LLaVA) it runs in"
+    )
+    export.add_argument("--model", required=True, help="a vlm model directory, with its tokenizer")
+    export.add_argument("--to", default="transformers", choices=["transformers"], help="the target")
+    export.add_argument("--out", required=True, help="where to write the checkpoint")
+    export.set_defaults(func=_export)
 
     for package in PACKAGES:
         package.add_commands(commands)

@@ -33,12 +33,20 @@ from vlm.schema import ConfigError
 # Current transformers names first, then those of checkpoints saved before transformers 4.52.
 VISION = {"model.vision_tower.": "", "vision_tower.vision_model.": "", "vision_tower.": ""}
 PROJECTOR = {"model.multi_modal_projector.": "", "multi_modal_projector.": ""}
-LANGUAGE = {
-    "model.language_model.": "model.",
-    "language_model.model.": "model.",
-    "language_model.lm_head.": "lm_head.",
-    "lm_head.": "lm_head.",
-}
+
+
+def language_prefixes(base: str) -> dict[str, str]:
+    """Checkpoint names of the LM's tensors -> the causal LM's, whose base model is ``base``
+    (``model`` for Llama, ``transformer`` for GPT-2). Current transformers keep the base model
+    under ``model.language_model.`` in memory but save it under ``language_model.model.``,
+    whatever the LM; before 4.52 the whole causal LM sat under ``language_model.``."""
+    return {
+        "model.language_model.": f"{base}.",
+        "language_model.model.": f"{base}.",
+        "language_model.lm_head.": "lm_head.",
+        "language_model.": "",
+        "lm_head.": "lm_head.",
+    }
 
 
 #: vlm's projector bridges by the activation transformers' LLaVA projector puts between its linears.
@@ -86,7 +94,8 @@ def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
     model = build_model(config, empty=True)  # the checkpoint's tensors become its parameters
     load_exact(model.encoder, vit_state(select(weights, VISION), vision.num_hidden_layers), "vision tower")
     load_exact(model.bridge, projector, "projector")
-    load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
+    lm = model.decoder.lm
+    load_exact(lm, select(weights, language_prefixes(lm.base_model_prefix)), "language model")
     return finish(model, weights)
 
 
@@ -120,16 +129,20 @@ def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
         "LlavaForConditionalGeneration",
     )
     lm = model.decoder.lm
+    text_config = copy.deepcopy(lm.config)
+    # Untied, with the head's own copy: transformers' LLaVA ties its head to an ``embed_tokens``
+    # that not every LM has (GPT-2's is ``wte``). The copy is exact.
+    text_config.tie_word_embeddings = False
     config = transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(**vision),
-        text_config=copy.deepcopy(lm.config),
+        text_config=text_config,
         image_token_id=model.image_token_id,
         projector_hidden_act=PROJECTOR_ACTS[bridge.name],
         vision_feature_layer=model.encoder.blocks_to_run - enc.depth - 1,
         vision_feature_select_strategy="full" if enc.keep_class_token else "default",
         multimodal_projector_bias=bridge.bias,
         image_seq_length=model.tokens_per_image,
-        tie_word_embeddings=lm.config.tie_word_embeddings,
+        tie_word_embeddings=False,
     )
     hf = transformers.LlavaForConditionalGeneration(config)
     tower = getattr(hf.model.vision_tower, "vision_model", hf.model.vision_tower)

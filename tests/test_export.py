@@ -1,0 +1,191 @@
+"""``vlm export --to transformers``: a vlm model runs in transformers and comes back unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import vlm
+from vlm import ConfigError
+from vlm.bridges.linear import ProjectorConfig
+from vlm.config import ModelConfig
+from vlm.convert import IMAGE_TOKEN_ID, export_transformers, placeholder_tokenizer
+from vlm.data.transforms import encoder_transform
+from vlm.decoders.hf import HFDecoderConfig
+from vlm.encoders.vit import ViTConfig
+from vlm.generate import generate
+from vlm.model import build_model
+
+VOCAB = 128
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+}
+GPT2 = {
+    "model_type": "gpt2",
+    "n_layer": 2,
+    "n_embd": 32,
+    "n_head": 2,
+    "n_positions": 128,
+    "vocab_size": VOCAB,
+}
+
+# Options that differ from the defaults: which layer, the class token, the activation, the norm
+# statistics, biases, the decoder family.
+KINDS = {
+    "mlp2x_gelu, llama, full features": (
+        dict(
+            feature_layer=-1,
+            keep_class_token=True,
+            act="quick_gelu",
+            mean=(0.5, 0.4, 0.3),
+            std=(0.2, 0.25, 0.3),
+        ),
+        ProjectorConfig(name="mlp2x_gelu", bias=False),
+        LLAMA,
+    ),
+    "linear, gpt2, penultimate patches": (
+        dict(feature_layer=-2, act="gelu_tanh"),
+        ProjectorConfig(name="linear", bias=True),
+        GPT2,
+    ),
+}
+
+
+def tiny_model(encoder: dict, bridge: ProjectorConfig, decoder: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        encoder=ViTConfig(image_size=32, patch_size=8, width=32, depth=3, num_heads=2, **encoder),
+        bridge=bridge,
+        decoder=HFDecoderConfig(hf_config=decoder, freeze=False),
+        image_token_id=IMAGE_TOKEN_ID,
+    )
+    model = build_model(config).eval()
+    with torch.no_grad():  # random weights all round, biases and norms included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def exported(request, tmp_path_factory):
+    model = tiny_model(*KINDS[request.param])
+    tokenizer = placeholder_tokenizer(VOCAB)
+    path = tmp_path_factory.mktemp("export")
+    fmt, _ = export_transformers(model, tokenizer, path)
+    return model, tokenizer, path, fmt
+
+
+def _image(seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def test_transformers_loads_the_export_and_gives_the_same_logits(exported):
+    model, _, path, fmt = exported
+    assert fmt.name == "llava"
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    assert type(hf).__name__ == "LlavaForConditionalGeneration"
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(5, VOCAB, (2, 7), generator=g)
+    ids = torch.cat([text[:, :1], torch.full((2, model.tokens_per_image), IMAGE_TOKEN_ID), text[:, 1:]], 1)
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ours = model(ids, pixel_values=pixels).logits
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_greedy_tokens_through_transformers_processor_and_generate_equal_vlms(exported):
+    model, _, path, _ = exported
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    image = _image()
+    inputs = processor(images=image, text="w1 <image> w7 w9", return_tensors="pt")
+    ids = inputs["input_ids"]
+    assert (ids == IMAGE_TOKEN_ID).sum() == model.tokens_per_image  # the processor expands as vlm does
+    ours_pixels = encoder_transform(model.encoder)(image)[None]
+    assert (inputs["pixel_values"] - ours_pixels).abs().max() < 1e-5  # same preprocessing
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)[
+            :, ids.shape[1] :
+        ]
+    ours = generate(model, ids, pixel_values=ours_pixels, max_new_tokens=16)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_the_export_loads_back_into_vlm_bit_for_bit(exported):
+    model, _, path, _ = exported
+    back = vlm.from_pretrained(path)
+    assert back.config.encoder == model.config.encoder and back.config.bridge == model.config.bridge
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "bridge", "match"),
+    [
+        (dict(stem="conv"), ProjectorConfig(), "encoder.stem='conv'"),
+        (
+            dict(pre_norm=False, patch_bias=True),
+            ProjectorConfig(),
+            "encoder.patch_bias=true, encoder.pre_norm=false",
+        ),
+        (dict(final_norm=True), ProjectorConfig(), "encoder.final_norm=true"),
+        (dict(), ProjectorConfig(merge=2), "bridge.merge=2"),
+    ],
+)
+def test_options_without_a_transformers_counterpart_are_refused_by_name(encoder, bridge, match, tmp_path):
+    model = tiny_model(encoder, bridge, LLAMA)
+    with pytest.raises(ConfigError, match=f"does not export to .*{match}"):
+        export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_vlm_export_writes_a_checkpoint_transformers_loads(tmp_path):
+    from vlm.cli import main
+
+    model = tiny_model(*KINDS["mlp2x_gelu, llama, full features"])
+    model.save_pretrained(tmp_path / "model", tokenizer=placeholder_tokenizer(VOCAB))
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tmp_path / "model"),
+                "--to",
+                "transformers",
+                "--out",
+                str(tmp_path / "hf"),
+            ]
+        )
+        == 0
+    )
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "LlavaForConditionalGeneration"
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() and (
+        tmp_path / "hf" / "processor_config.json"
+    ).is_file()
+
+
+def test_a_bridge_with_no_exporter_is_refused_by_name(tmp_path):
+    from vlm.bridges.qformer import QFormerConfig
+
+    model = tiny_model(
+        {},
+        QFormerConfig(num_queries=4, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        LLAMA,
+    )
+    with pytest.raises(
+        ConfigError, match="no transformers format takes a 'qformer' bridge; exportable bridges: mlp2x_gelu"
+    ):
+        export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)
