@@ -189,3 +189,20 @@ def test_a_bridge_with_no_exporter_is_refused_by_name(tmp_path):
         ConfigError, match="no transformers format takes a 'qformer' bridge; exportable bridges: mlp2x_gelu"
     ):
         export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)
+
+
+@pytest.mark.parametrize("merge", [2, 1])
+def test_the_demo_recipe_exports_once_its_patches_are_not_merged(merge, tmp_path):
+    from vlm.train.recipe import RECIPES, load_recipe
+    from vlm.train.trainer import bind_tokenizer
+
+    recipe = load_recipe(RECIPES / "shapes.toml", [f"model.bridge.merge={merge}"])
+    tokenizer = placeholder_tokenizer(VOCAB)
+    model = build_model(bind_tokenizer(recipe.model_config(), tokenizer)).eval()
+    if merge == 2:  # the demo as it is: refused, naming the option
+        with pytest.raises(ConfigError, match="bridge.merge=2"):
+            export_transformers(model, tokenizer, tmp_path)
+        return
+    export_transformers(model, tokenizer, tmp_path)
+    back = vlm.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
