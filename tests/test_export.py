@@ -11,6 +11,7 @@ from PIL import Image
 import vlm
 from vlm import ConfigError
 from vlm.bridges.linear import ProjectorConfig
+from vlm.bridges.qformer import QFormerConfig
 from vlm.config import ModelConfig
 from vlm.convert import IMAGE_TOKEN_ID, export_transformers, placeholder_tokenizer
 from vlm.data.transforms import encoder_transform
@@ -29,6 +30,16 @@ LLAMA = {
     "num_key_value_heads": 2,
     "vocab_size": VOCAB,
 }
+OPT = {
+    "model_type": "opt",
+    "hidden_size": 32,
+    "ffn_dim": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "vocab_size": VOCAB,
+    "word_embed_proj_dim": 32,
+}
+EVA = dict(feature_layer=-1, keep_class_token=True, final_norm=True, pre_norm=False, patch_bias=True)
 GPT2 = {
     "model_type": "gpt2",
     "n_layer": 2,
@@ -57,6 +68,25 @@ KINDS = {
         ProjectorConfig(name="linear", bias=True),
         GPT2,
     ),
+    "qformer, opt": (
+        dict(EVA, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)),
+        QFormerConfig(
+            num_queries=4,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=48,
+            cross_attention_frequency=1,
+            layer_norm_eps=1e-6,
+        ),
+        OPT,
+    ),
+}
+#: The class each kind exports to, and the prompt its processor takes (BLIP-2's puts the query
+#: tokens in front by itself).
+TARGETS = {
+    "llava": ("LlavaForConditionalGeneration", "w1 <image> w7 w9"),
+    "blip2": ("Blip2ForConditionalGeneration", "w1 w7 w9"),
 }
 
 
@@ -91,9 +121,8 @@ def _image(seed: int = 0) -> Image.Image:
 
 def test_transformers_loads_the_export_and_gives_the_same_logits(exported):
     model, _, path, fmt = exported
-    assert fmt.name == "llava"
     hf = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
-    assert type(hf).__name__ == "LlavaForConditionalGeneration"
+    assert type(hf).__name__ == TARGETS[fmt.name][0]
     g = torch.Generator().manual_seed(1)
     text = torch.randint(5, VOCAB, (2, 7), generator=g)
     ids = torch.cat([text[:, :1], torch.full((2, model.tokens_per_image), IMAGE_TOKEN_ID), text[:, 1:]], 1)
@@ -105,19 +134,20 @@ def test_transformers_loads_the_export_and_gives_the_same_logits(exported):
 
 
 def test_greedy_tokens_through_transformers_processor_and_generate_equal_vlms(exported):
-    model, _, path, _ = exported
+    model, _, path, fmt = exported
     hf = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = transformers.AutoProcessor.from_pretrained(path)
     image = _image()
-    inputs = processor(images=image, text="w1 <image> w7 w9", return_tensors="pt")
+    inputs = processor(images=image, text=TARGETS[fmt.name][1], return_tensors="pt")
     ids = inputs["input_ids"]
     assert (ids == IMAGE_TOKEN_ID).sum() == model.tokens_per_image  # the processor expands as vlm does
     ours_pixels = encoder_transform(model.encoder)(image)[None]
     assert (inputs["pixel_values"] - ours_pixels).abs().max() < 1e-5  # same preprocessing
+    # vlm never generates an image placeholder (it would have no image): neither may transformers.
     with torch.no_grad():
-        theirs = hf.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)[
-            :, ids.shape[1] :
-        ]
+        theirs = hf.generate(
+            **inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID]
+        )[:, ids.shape[1] :]
     ours = generate(model, ids, pixel_values=ours_pixels, max_new_tokens=16)
     assert ours.tolist() == theirs.tolist()
 
@@ -177,17 +207,9 @@ def test_vlm_export_writes_a_checkpoint_transformers_loads(tmp_path):
     ).is_file()
 
 
-def test_a_bridge_with_no_exporter_is_refused_by_name(tmp_path):
-    from vlm.bridges.qformer import QFormerConfig
-
-    model = tiny_model(
-        {},
-        QFormerConfig(num_queries=4, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        LLAMA,
-    )
-    with pytest.raises(
-        ConfigError, match="no transformers format takes a 'qformer' bridge; exportable bridges: mlp2x_gelu"
-    ):
+def test_a_qformer_on_a_clip_like_tower_is_refused_naming_each_option(tmp_path):
+    model = tiny_model({}, KINDS["qformer, opt"][1], OPT)
+    with pytest.raises(ConfigError, match="Blip2ForConditionalGeneration: encoder.feature_layer=-2, "):
         export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,13 @@ from torch import nn
 from vlm.bridges.qformer import QFormerConfig
 from vlm.config import ModelConfig
 from vlm.convert.common import (
+    clip_vision_config,
+    clip_vision_state,
     finish,
     fuse,
     load_exact,
     read_weights,
+    refuse,
     select,
     vit_config,
     vit_state,
@@ -136,6 +140,103 @@ def reference_blip2(size: Size, image_token_id: int) -> nn.Module:
     return model
 
 
+def export_blip2(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """transformers' ``Blip2ForConditionalGeneration`` holding ``model``'s weights (a ``qformer``
+    bridge on an EVA-like ViT and any causal LM), and its ``Blip2Processor``."""
+    enc, bridge = model.config.encoder, model.config.bridge
+    eva = {  # what BLIP-2's tower is: the last layer, class token included, after the final norm
+        f"encoder.feature_layer={enc.feature_layer}": model.encoder.blocks_to_run != enc.depth,
+        "encoder.keep_class_token=false": not enc.keep_class_token,
+        "encoder.final_norm=false": not enc.final_norm,
+        "encoder.pre_norm=true": enc.pre_norm,
+        "encoder.patch_bias=false": not enc.patch_bias,
+        f"encoder.act={enc.act!r}": enc.act != "gelu",
+        f"processor.resize={model.config.processor.resize!r}": model.config.processor.resize != "crop",
+    }
+    refuse(eva, "Blip2ForConditionalGeneration")
+    vision = clip_vision_config(dataclasses.replace(enc, pre_norm=True, patch_bias=False, final_norm=False))
+    vision.pop("hidden_act")  # BLIP-2's tower: gelu, checked above
+    lm = model.decoder.lm
+    config = transformers.Blip2Config(
+        vision_config=vision,
+        qformer_config=dict(
+            hidden_size=bridge.hidden_size,
+            num_hidden_layers=bridge.num_layers,
+            num_attention_heads=bridge.num_heads,
+            intermediate_size=bridge.intermediate_size,
+            cross_attention_frequency=bridge.cross_attention_frequency,
+            layer_norm_eps=bridge.layer_norm_eps,
+            encoder_hidden_size=enc.width,
+        ),
+        text_config=lm.config.to_dict(),
+        num_query_tokens=bridge.num_queries,
+        image_token_index=model.image_token_id,
+    )
+    hf = transformers.Blip2ForConditionalGeneration(config)
+    owner = getattr(hf, "model", hf)  # where newer transformers nest the parts
+    tower = clip_vision_state(model.encoder.state_dict(), enc.depth)
+    tower["embeddings.position_embedding"] = tower.pop("embeddings.position_embedding.weight")[None]
+    tower["embeddings.class_embedding"] = tower["embeddings.class_embedding"].reshape(1, 1, -1)
+    for i in range(enc.depth):
+        layer = f"encoder.layers.{i}.self_attn."
+        fuse(tower, [f"{layer}{p}_proj" for p in "qkv"], f"{layer}qkv")
+        for kind in ("weight", "bias"):
+            tower[f"{layer}projection.{kind}"] = tower.pop(f"{layer}out_proj.{kind}")
+    owner.vision_model.load_state_dict(tower)
+    qformer = _qformer_export(model.bridge.state_dict(), bridge.num_layers)
+    owner.qformer.load_state_dict(
+        {k: v for k, v in qformer.items() if not k.startswith(("query_", "language_"))}
+    )
+    with torch.no_grad():
+        owner.query_tokens.copy_(qformer["query_tokens"])
+    owner.language_projection.load_state_dict(
+        {k.removeprefix("language_projection."): v for k, v in qformer.items() if k.startswith("language_")}
+    )
+    owner.language_model.load_state_dict(lm.state_dict())
+    hf.to(next(model.parameters()).dtype)
+    size = enc.image_size
+    image_processor = transformers.BlipImageProcessor(
+        size={"height": size, "width": size},
+        image_mean=list(model.encoder.mean),
+        image_std=list(model.encoder.std),
+    )
+    return hf, transformers.Blip2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=bridge.num_queries
+    )
+
+
+def _qformer_export(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """vlm's Q-Former bridge tensors under transformers' names: the inverse of
+    :func:`_qformer_state`, fused projections split."""
+    w = dict(state)
+    out = {}
+    rename = {
+        "embed_norm.": "layernorm.",
+        "query_tokens": "query_tokens",
+        "language_projection.": "language_projection.",
+    }
+    for i in range(depth):
+        src, dst = f"layers.{i}.", f"encoder.layer.{i}."
+        self_attn, cross = f"{dst}attention.attention.", f"{dst}crossattention.attention."
+        for kind in ("weight", "bias"):
+            for name, part in zip(("query", "key", "value"), w.pop(f"{src}self_attn.qkv.{kind}").chunk(3)):
+                out[f"{self_attn}{name}.{kind}"] = part
+            if f"{src}cross_attn.kv.{kind}" in w:
+                for name, part in zip(("key", "value"), w.pop(f"{src}cross_attn.kv.{kind}").chunk(2)):
+                    out[f"{cross}{name}.{kind}"] = part
+        rename |= {
+            f"{src}self_attn.out.": f"{dst}attention.output.dense.",
+            f"{src}self_norm.": f"{dst}attention.output.LayerNorm.",
+            f"{src}cross_attn.q.": f"{cross}query.",
+            f"{src}cross_attn.out.": f"{dst}crossattention.output.dense.",
+            f"{src}cross_norm.": f"{dst}crossattention.output.LayerNorm.",
+            f"{src}ffn.0.": f"{dst}intermediate_query.dense.",
+            f"{src}ffn.2.": f"{dst}output_query.dense.",
+            f"{src}ffn_norm.": f"{dst}output_query.LayerNorm.",
+        }
+    return out | select(w, rename)
+
+
 FORMAT = register_format(
     Format(
         name="blip2",
@@ -144,5 +245,7 @@ FORMAT = register_format(
         reference=reference_blip2,
         # query_tokens is a Parameter of the model itself: it trains with the Q-Former.
         connector=("qformer", "language_projection", "query_tokens"),
+        export=export_blip2,
+        bridges=("qformer",),
     )
 )

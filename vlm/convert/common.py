@@ -163,6 +163,8 @@ def clip_vision_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]
         "embeddings.position_embedding.weight": w.pop("pos_embed"),
         "embeddings.patch_embedding.weight": w.pop("patch_embed.weight"),
     }
+    if "patch_embed.bias" in w:  # BLIP-2's EVA tower
+        out["embeddings.patch_embedding.bias"] = w.pop("patch_embed.bias")
     rename = {"norm_pre.": "pre_layrnorm.", "norm.": "post_layernorm."}
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"encoder.layers.{i}."
