@@ -228,3 +228,52 @@ def test_the_demo_recipe_exports_once_its_patches_are_not_merged(merge, tmp_path
     export_transformers(model, tokenizer, tmp_path)
     back = vlm.from_pretrained(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+IDEFICS_BRIDGE = dict(
+    num_latents=4,
+    depth=2,
+    num_heads=2,
+    head_dim=16,
+    mlp_act="relu",
+    cross_attention_interval=1,
+    xattn_heads=4,
+    xattn_head_dim=8,
+    xattn_mlp_ratio=2.0,
+    xattn_norm="rmsnorm",
+    xattn_norm_eps=1e-6,
+    xattn_mlp="swiglu",
+)
+
+
+def test_a_perceiver_model_exports_to_idefics_and_comes_back(tmp_path):
+    from vlm.bridges.perceiver import PerceiverConfig
+    from vlm.convert import FORMATS
+
+    llama = dict(LLAMA, num_key_value_heads=4)  # IDEFICS's decoder has no grouped-query attention
+    model = tiny_model(
+        dict(feature_layer=-1, keep_class_token=True), PerceiverConfig(**IDEFICS_BRIDGE), llama
+    )
+    fmt, _ = export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)
+    hf = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, VOCAB, (2, 7), generator=g)
+    ids[:, 1] = IMAGE_TOKEN_ID
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32, generator=g))
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        theirs = hf(**FORMATS["idefics"].hf_inputs(inputs, IMAGE_TOKEN_ID)).logits
+    assert fmt.name == "idefics" and (ours - theirs).abs().max() < 1e-4
+    back = vlm.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_a_perceiver_with_options_idefics_lacks_is_refused_naming_them(tmp_path):
+    from vlm.bridges.perceiver import PerceiverConfig
+
+    bridge = PerceiverConfig(**dict(IDEFICS_BRIDGE, placement="last", mlp_act="gelu"))
+    model = tiny_model(dict(feature_layer=-1, keep_class_token=True), bridge, LLAMA)
+    with pytest.raises(
+        ConfigError, match="grouped-query attention.*bridge.placement='last', bridge.mlp_act='gelu'"
+    ):
+        export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)

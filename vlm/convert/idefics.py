@@ -19,11 +19,14 @@ from torch import Tensor, nn
 from vlm.bridges.perceiver import PerceiverConfig
 from vlm.config import ModelConfig
 from vlm.convert.common import (
+    clip_vision_config,
+    clip_vision_state,
     finish,
     fuse,
     image_token_from_tokenizer,
     load_exact,
     read_weights,
+    refuse,
     select,
     vit_config,
     vit_state,
@@ -200,6 +203,134 @@ def idefics_inputs(inputs: dict[str, Tensor], image_token_id: int) -> dict[str, 
     return out
 
 
+def export_idefics(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """transformers' ``IdeficsForVisionText2Text`` holding ``model``'s weights (a ``perceiver``
+    bridge with IDEFICS's options on a Llama decoder), and its ``IdeficsProcessor``."""
+    enc, bridge, lm = model.config.encoder, model.config.bridge, model.decoder.lm
+    text = lm.config.get_text_config()
+    heads, width, depth, k = (
+        text.num_attention_heads,
+        text.hidden_size,
+        text.num_hidden_layers,
+        bridge.cross_attention_interval,
+    )
+    refuse(
+        {
+            f"decoder model_type={text.model_type!r} (IDEFICS's decoder is Llama's)": text.model_type
+            != "llama",
+            "grouped-query attention (num_key_value_heads != num_attention_heads)": (
+                getattr(text, "num_key_value_heads", heads) != heads
+            ),
+            f"encoder.feature_layer={enc.feature_layer} (IDEFICS resamples the last layer)": (
+                model.encoder.blocks_to_run != enc.depth
+            ),
+            "encoder.keep_class_token=false": not enc.keep_class_token,
+            f"bridge.placement={bridge.placement!r}": bridge.placement != "first",
+            f"bridge.cross_attention_interval={k} (not a divisor of the LM's {depth} layers)": depth % k != 0,
+            f"bridge.mlp_act={bridge.mlp_act!r}": bridge.mlp_act != "relu",
+            f"bridge.mlp_ratio={bridge.mlp_ratio}": bridge.mlp_ratio != 4.0,
+            f"bridge.xattn_norm={bridge.xattn_norm!r}": bridge.xattn_norm != "rmsnorm",
+            f"bridge.xattn_mlp={bridge.xattn_mlp!r}": bridge.xattn_mlp != "swiglu",
+            f"bridge.xattn_heads={bridge.xattn_heads} (IDEFICS's are the LM's)": bridge.xattn_heads != heads,
+            f"bridge.xattn_head_dim={bridge.xattn_head_dim}": bridge.xattn_head_dim * heads != width,
+            f"bridge.xattn_mlp_ratio={bridge.xattn_mlp_ratio}": (
+                round(width * bridge.xattn_mlp_ratio) != text.intermediate_size
+            ),
+            f"bridge.xattn_norm_eps={bridge.xattn_norm_eps}": bridge.xattn_norm_eps != text.rms_norm_eps,
+            f"processor.resize={model.config.processor.resize!r}": model.config.processor.resize != "crop",
+        },
+        "IdeficsForVisionText2Text",
+    )
+    vision = clip_vision_config(enc)
+    vision["embed_dim"] = vision.pop("hidden_size")
+    llama = {
+        key: getattr(text, key)
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "hidden_act",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "rope_parameters",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        )
+    }
+    config = transformers.IdeficsConfig(
+        **llama,
+        additional_vocab_size=0,
+        tie_word_embeddings=False,
+        cross_layer_interval=k,
+        use_resampler=True,
+        vision_config=vision,
+        perceiver_config=dict(
+            resampler_n_latents=bridge.num_latents,
+            resampler_depth=bridge.depth,
+            resampler_n_heads=bridge.num_heads,
+            resampler_head_dim=bridge.head_dim,
+        ),
+    )
+    hf = transformers.IdeficsForVisionText2Text(config)
+    state = {
+        f"model.vision_model.{key}": v
+        for key, v in clip_vision_state(model.encoder.state_dict(), enc.depth).items()
+    }
+    state |= {
+        f"model.{key}": v for key, v in _bridge_export(model.bridge.state_dict(), bridge, depth).items()
+    }
+    state |= lm.state_dict()  # the LM keeps its names: IDEFICS's decoder is Llama's
+    hf.load_state_dict(state)
+    hf.to(next(model.parameters()).dtype)
+    image_processor = transformers.IdeficsImageProcessor(
+        image_size=enc.image_size, image_mean=list(model.encoder.mean), image_std=list(model.encoder.std)
+    )
+    return hf, transformers.IdeficsProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _bridge_export(state: dict[str, Tensor], bridge: PerceiverConfig, text_layers: int) -> dict[str, Tensor]:
+    """vlm's perceiver bridge tensors under IDEFICS's names: the inverse of :func:`_bridge_state`."""
+    w = dict(state)
+    out = {}
+
+    def split(key: str, names: tuple[str, str]) -> None:
+        for name, part in zip(names, w.pop(key).chunk(2)):
+            out[name] = part
+
+    rename = {
+        "resampler.latents": "perceiver_resampler.latents",
+        "resampler.norm.": "perceiver_resampler.layer_norm.",
+    }
+    for i in range(bridge.depth):
+        src, dst = f"resampler.layers.{i}.", f"perceiver_resampler.blocks.{i}."
+        split(f"{src}attn.kv.weight", (f"{dst}0.k_proj.weight", f"{dst}0.v_proj.weight"))
+        rename |= {
+            f"{src}norm_media.": f"{dst}0.context_layer_norm.",
+            f"{src}norm_latents.": f"{dst}0.latents_layer_norm.",
+            f"{src}attn.q.": f"{dst}0.q_proj.",
+            f"{src}attn.out.": f"{dst}0.output_proj.",
+            f"{src}mlp.0.": f"{dst}1.ln.",
+            f"{src}mlp.1.": f"{dst}1.fc.",
+            f"{src}mlp.3.": f"{dst}1.c_proj.",
+        }
+    for j in range(text_layers // bridge.cross_attention_interval):
+        src, dst = f"blocks.{j * bridge.cross_attention_interval}.", f"gated_cross_attn_layers.{j}."
+        split(f"{src}attn.kv.weight", (f"{dst}cross_attn.k_proj.weight", f"{dst}cross_attn.v_proj.weight"))
+        rename |= {
+            f"{src}attn_gate": f"{dst}alpha_cross_attn",
+            f"{src}mlp_gate": f"{dst}alpha_dense",
+            f"{src}attn_norm.": f"{dst}input_layernorm.",
+            f"{src}attn.q.": f"{dst}cross_attn.q_proj.",
+            f"{src}attn.out.": f"{dst}cross_attn.o_proj.",
+            f"{src}mlp.0.": f"{dst}post_attention_layernorm.",
+            f"{src}mlp.1.": f"{dst}mlp.",
+        }
+    return out | select(w, rename)
+
+
 FORMAT = register_format(
     Format(
         name="idefics",
@@ -208,5 +339,7 @@ FORMAT = register_format(
         reference=reference_idefics,
         connector=("perceiver_resampler", "gated_cross_attn_layers"),
         hf_inputs=idefics_inputs,
+        export=export_idefics,
+        bridges=("perceiver",),
     )
 )
