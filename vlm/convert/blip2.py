@@ -22,6 +22,7 @@ from vlm.convert.common import (
     read_weights,
     refuse,
     select,
+    unfuse,
     vit_config,
     vit_state,
 )
@@ -218,12 +219,8 @@ def _qformer_export(state: dict[str, torch.Tensor], depth: int) -> dict[str, tor
     for i in range(depth):
         src, dst = f"layers.{i}.", f"encoder.layer.{i}."
         self_attn, cross = f"{dst}attention.attention.", f"{dst}crossattention.attention."
-        for kind in ("weight", "bias"):
-            for name, part in zip(("query", "key", "value"), w.pop(f"{src}self_attn.qkv.{kind}").chunk(3)):
-                out[f"{self_attn}{name}.{kind}"] = part
-            if f"{src}cross_attn.kv.{kind}" in w:
-                for name, part in zip(("key", "value"), w.pop(f"{src}cross_attn.kv.{kind}").chunk(2)):
-                    out[f"{cross}{name}.{kind}"] = part
+        unfuse(w, f"{src}self_attn.qkv", [f"{self_attn}{name}" for name in ("query", "key", "value")], out)
+        unfuse(w, f"{src}cross_attn.kv", [f"{cross}key", f"{cross}value"], out)  # cross layers only
         rename |= {
             f"{src}self_attn.out.": f"{dst}attention.output.dense.",
             f"{src}self_norm.": f"{dst}attention.output.LayerNorm.",

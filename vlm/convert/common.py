@@ -168,9 +168,7 @@ def clip_vision_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]
     rename = {"norm_pre.": "pre_layrnorm.", "norm.": "post_layernorm."}
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            for name, part in zip("qkv", w.pop(f"{src}attn.qkv.{kind}").chunk(3)):
-                out[f"{dst}self_attn.{name}_proj.{kind}"] = part
+        unfuse(w, f"{src}attn.qkv", [f"{dst}self_attn.{name}_proj" for name in "qkv"], out)
         rename |= {
             f"{src}attn.out.": f"{dst}self_attn.out_proj.",
             f"{src}norm1.": f"{dst}layer_norm1.",
@@ -233,6 +231,15 @@ def fuse(w: dict[str, Tensor], parts: list[str], into: str) -> None:
     for kind in ("weight", "bias"):
         if f"{parts[0]}.{kind}" in w:
             w[f"{into}.{kind}"] = torch.cat([w.pop(f"{p}.{kind}") for p in parts])
+
+
+def unfuse(w: dict[str, Tensor], fused: str, parts: list[str], out: dict[str, Tensor]) -> None:
+    """The inverse of :func:`fuse`: splits ``fused``'s weight (and bias, when present) taken from
+    ``w`` into equal ``parts`` written to ``out`` (exports name transformers' separate projections)."""
+    for kind in ("weight", "bias"):
+        if f"{fused}.{kind}" in w:
+            for part, tensor in zip(parts, w.pop(f"{fused}.{kind}").chunk(len(parts))):
+                out[f"{part}.{kind}"] = tensor
 
 
 def image_token_from_tokenizer(path: Path, token: str = "<image>") -> int:

@@ -28,6 +28,7 @@ from vlm.convert.common import (
     read_weights,
     refuse,
     select,
+    unfuse,
     vit_config,
     vit_state,
 )
@@ -294,19 +295,14 @@ def export_idefics(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Modul
 def _bridge_export(state: dict[str, Tensor], bridge: PerceiverConfig, text_layers: int) -> dict[str, Tensor]:
     """vlm's perceiver bridge tensors under IDEFICS's names: the inverse of :func:`_bridge_state`."""
     w = dict(state)
-    out = {}
-
-    def split(key: str, names: tuple[str, str]) -> None:
-        for name, part in zip(names, w.pop(key).chunk(2)):
-            out[name] = part
-
+    out: dict[str, Tensor] = {}
     rename = {
         "resampler.latents": "perceiver_resampler.latents",
         "resampler.norm.": "perceiver_resampler.layer_norm.",
     }
     for i in range(bridge.depth):
         src, dst = f"resampler.layers.{i}.", f"perceiver_resampler.blocks.{i}."
-        split(f"{src}attn.kv.weight", (f"{dst}0.k_proj.weight", f"{dst}0.v_proj.weight"))
+        unfuse(w, f"{src}attn.kv", [f"{dst}0.k_proj", f"{dst}0.v_proj"], out)
         rename |= {
             f"{src}norm_media.": f"{dst}0.context_layer_norm.",
             f"{src}norm_latents.": f"{dst}0.latents_layer_norm.",
@@ -318,7 +314,7 @@ def _bridge_export(state: dict[str, Tensor], bridge: PerceiverConfig, text_layer
         }
     for j in range(text_layers // bridge.cross_attention_interval):
         src, dst = f"blocks.{j * bridge.cross_attention_interval}.", f"gated_cross_attn_layers.{j}."
-        split(f"{src}attn.kv.weight", (f"{dst}cross_attn.k_proj.weight", f"{dst}cross_attn.v_proj.weight"))
+        unfuse(w, f"{src}attn.kv", [f"{dst}cross_attn.k_proj", f"{dst}cross_attn.v_proj"], out)
         rename |= {
             f"{src}attn_gate": f"{dst}alpha_cross_attn",
             f"{src}mlp_gate": f"{dst}alpha_dense",
