@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ from torch import nn
 from vlm.bridges.qformer import QFormerConfig
 from vlm.config import ModelConfig
 from vlm.convert.common import (
-    clip_vision_config,
     clip_vision_state,
     finish,
     fuse,
@@ -23,6 +21,7 @@ from vlm.convert.common import (
     refuse,
     select,
     unfuse,
+    vision_sizes,
     vit_config,
     vit_state,
 )
@@ -146,6 +145,8 @@ def export_blip2(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
     bridge on an EVA-like ViT and any causal LM), and its ``Blip2Processor``."""
     enc, bridge = model.config.encoder, model.config.bridge
     eva = {  # what BLIP-2's tower is: the last layer, class token included, after the final norm
+        f"encoder {enc.name!r} (only vlm's ViT exports)": enc.name != "vit",
+        f"encoder.stem={getattr(enc, 'stem', None)!r}": getattr(enc, "stem", "patch") != "patch",
         f"encoder.feature_layer={enc.feature_layer}": model.encoder.blocks_to_run != enc.depth,
         "encoder.keep_class_token=false": not enc.keep_class_token,
         "encoder.final_norm=false": not enc.final_norm,
@@ -155,8 +156,7 @@ def export_blip2(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
         f"processor.resize={model.config.processor.resize!r}": model.config.processor.resize != "crop",
     }
     refuse(eva, "Blip2ForConditionalGeneration")
-    vision = clip_vision_config(dataclasses.replace(enc, pre_norm=True, patch_bias=False, final_norm=False))
-    vision.pop("hidden_act")  # BLIP-2's tower: gelu, checked above
+    vision = vision_sizes(enc)  # BLIP-2's tower's act is gelu: checked above
     lm = model.decoder.lm
     config = transformers.Blip2Config(
         vision_config=vision,

@@ -196,6 +196,12 @@ def clip_vision_config(encoder: Any) -> dict[str, Any]:
         not in HF_ACTIVATIONS,
     }
     refuse(problems, "transformers' CLIP vision tower")
+    return vision_sizes(encoder) | {"hidden_act": HF_ACTIVATIONS[encoder.act]}
+
+
+def vision_sizes(encoder: Any) -> dict[str, Any]:
+    """The sizes of vlm's ViT config ``encoder`` under the keys of transformers' vision configs
+    (CLIP's, BLIP-2's, IDEFICS's, which take ``embed_dim`` for ``hidden_size``)."""
     return dict(
         hidden_size=encoder.width,
         intermediate_size=round(encoder.width * encoder.mlp_ratio),
@@ -204,7 +210,6 @@ def clip_vision_config(encoder: Any) -> dict[str, Any]:
         image_size=encoder.image_size,
         patch_size=encoder.patch_size,
         layer_norm_eps=encoder.layer_norm_eps,
-        hidden_act=HF_ACTIVATIONS[encoder.act],
     )
 
 
