@@ -13,20 +13,18 @@ from torch import nn
 from vlm.bridges.qformer import QFormerConfig
 from vlm.config import ModelConfig
 from vlm.convert.common import (
-    clip_vision_state,
+    KeyMap,
+    crop_image_processor,
     finish,
-    fuse,
     load_exact,
     read_weights,
     refuse,
     select,
-    unfuse,
-    vision_sizes,
-    vit_config,
-    vit_state,
+    write_into,
 )
 from vlm.convert.reference import SPECIAL_TOKEN_IDS, Size, vision_config
 from vlm.convert.registry import Format, register_format
+from vlm.convert.towers import eva_tower_map, vision_sizes, vit_config
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 from vlm.schema import ConfigError
@@ -68,43 +66,44 @@ def convert_blip2(path: Path, hf: Any) -> VisionLanguageModel:
     )
     model = build_model(config, empty=True)  # the checkpoint's tensors become its parameters
     weights = read_weights(path)
-    vit = vit_state(select(weights, {"vision_model.": ""}), vision.num_hidden_layers)
-    load_exact(model.encoder, vit, "vision tower")
-    load_exact(model.bridge, _qformer_state(weights, qformer.num_hidden_layers), "Q-Former")
+    tower = select(weights, {"vision_model.": ""})
+    load_exact(model.encoder, tower, "vision tower", eva_tower_map(vision.num_hidden_layers))
+    # The Q-Former's text path (embeddings, ``intermediate`` / ``output``) never runs for BLIP-2's
+    # LM-facing queries: it has no counterpart in vlm, and the map leaves it out.
+    connector = select(weights, {p: p for p in ("qformer.", "query_tokens", "language_projection.")})
+    load_exact(model.bridge, connector, "Q-Former", qformer_map(qformer.num_hidden_layers))
     load_exact(model.decoder.lm, select(weights, LANGUAGE), "language model")
     return finish(model, weights)
 
 
-def _qformer_state(weights: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    w = select(
-        weights,
-        {"qformer.": "", "query_tokens": "query_tokens", "language_projection.": "language_projection."},
-    )
-    rename = {
-        "layernorm.": "embed_norm.",
+def qformer_map(depth: int) -> KeyMap:
+    """transformers' Q-Former, query tokens and language projection (names under BLIP-2's model)
+    <-> vlm's ``qformer`` bridge. Cross-attention layers come every ``cross_attention_frequency``
+    layers: the table names them everywhere, and the layers without one have nothing to map."""
+    renames = {
+        "qformer.layernorm.": "embed_norm.",
         "query_tokens": "query_tokens",
         "language_projection.": "language_projection.",
     }
+    fused = []
     for i in range(depth):
-        src, dst = f"encoder.layer.{i}.", f"layers.{i}."
-        self_attn, cross = f"{src}attention.attention", f"{src}crossattention.attention"
-        fuse(w, [f"{self_attn}.{p}" for p in ("query", "key", "value")], f"{self_attn}.qkv")
-        fuse(w, [f"{cross}.key", f"{cross}.value"], f"{cross}.kv")
-        rename |= {
-            f"{self_attn}.qkv.": f"{dst}self_attn.qkv.",
+        src, dst = f"qformer.encoder.layer.{i}.", f"layers.{i}."
+        self_attn, cross = f"{src}attention.attention.", f"{src}crossattention.attention."
+        fused += [
+            (tuple(f"{self_attn}{p}" for p in ("query", "key", "value")), f"{dst}self_attn.qkv"),
+            ((f"{cross}key", f"{cross}value"), f"{dst}cross_attn.kv"),
+        ]
+        renames |= {
             f"{src}attention.output.dense.": f"{dst}self_attn.out.",
             f"{src}attention.output.LayerNorm.": f"{dst}self_norm.",
-            f"{cross}.query.": f"{dst}cross_attn.q.",
-            f"{cross}.kv.": f"{dst}cross_attn.kv.",
+            f"{cross}query.": f"{dst}cross_attn.q.",
             f"{src}crossattention.output.dense.": f"{dst}cross_attn.out.",
             f"{src}crossattention.output.LayerNorm.": f"{dst}cross_norm.",
             f"{src}intermediate_query.dense.": f"{dst}ffn.0.",
             f"{src}output_query.dense.": f"{dst}ffn.2.",
             f"{src}output_query.LayerNorm.": f"{dst}ffn_norm.",
         }
-    # The Q-Former's text path (embeddings, ``intermediate`` / ``output``) never runs for BLIP-2's
-    # LM-facing queries, so it has no counterpart in vlm and is dropped here.
-    return select(w, rename)
+    return KeyMap(renames, tuple(fused))
 
 
 def reference_blip2(size: Size, image_token_id: int) -> nn.Module:
@@ -174,64 +173,18 @@ def export_blip2(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
         image_token_index=model.image_token_id,
     )
     hf = transformers.Blip2ForConditionalGeneration(config)
-    owner = getattr(hf, "model", hf)  # where newer transformers nest the parts
-    tower = clip_vision_state(model.encoder.state_dict(), enc.depth)
-    tower["embeddings.position_embedding"] = tower.pop("embeddings.position_embedding.weight")[None]
-    tower["embeddings.class_embedding"] = tower["embeddings.class_embedding"].reshape(1, 1, -1)
-    for i in range(enc.depth):
-        layer = f"encoder.layers.{i}.self_attn."
-        fuse(tower, [f"{layer}{p}_proj" for p in "qkv"], f"{layer}qkv")
-        for kind in ("weight", "bias"):
-            tower[f"{layer}projection.{kind}"] = tower.pop(f"{layer}out_proj.{kind}")
-    owner.vision_model.load_state_dict(tower)
-    qformer = _qformer_export(model.bridge.state_dict(), bridge.num_layers)
-    owner.qformer.load_state_dict(
-        {k: v for k, v in qformer.items() if not k.startswith(("query_", "language_"))}
-    )
-    with torch.no_grad():
-        owner.query_tokens.copy_(qformer["query_tokens"])
-    owner.language_projection.load_state_dict(
-        {k.removeprefix("language_projection."): v for k, v in qformer.items() if k.startswith("language_")}
-    )
-    owner.language_model.load_state_dict(lm.state_dict())
+    tower = eva_tower_map(enc.depth).to_transformers(model.encoder.state_dict())
+    state = {f"vision_model.{k}": v for k, v in tower.items()}
+    state |= qformer_map(bridge.num_layers).to_transformers(model.bridge.state_dict())
+    state |= {f"language_model.{k}": v for k, v in lm.state_dict().items()}
+    write_into(getattr(hf, "model", hf), state)  # newer transformers nest the parts in ``.model``
     hf.to(next(model.parameters()).dtype)
-    size = enc.image_size
-    image_processor = transformers.BlipImageProcessor(
-        size={"height": size, "width": size},
-        image_mean=list(model.encoder.mean),
-        image_std=list(model.encoder.std),
-    )
+    # CLIP's image processor, not BLIP's: BLIP's squashes an image to a square, and vlm resizes
+    # the short side and centre-crops. Blip2Processor loads whichever image processor it saved.
+    image_processor = crop_image_processor(model.encoder)
     return hf, transformers.Blip2Processor(
         image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=bridge.num_queries
     )
-
-
-def _qformer_export(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """vlm's Q-Former bridge tensors under transformers' names: the inverse of
-    :func:`_qformer_state`, fused projections split."""
-    w = dict(state)
-    out = {}
-    rename = {
-        "embed_norm.": "layernorm.",
-        "query_tokens": "query_tokens",
-        "language_projection.": "language_projection.",
-    }
-    for i in range(depth):
-        src, dst = f"layers.{i}.", f"encoder.layer.{i}."
-        self_attn, cross = f"{dst}attention.attention.", f"{dst}crossattention.attention."
-        unfuse(w, f"{src}self_attn.qkv", [f"{self_attn}{name}" for name in ("query", "key", "value")], out)
-        unfuse(w, f"{src}cross_attn.kv", [f"{cross}key", f"{cross}value"], out)  # cross layers only
-        rename |= {
-            f"{src}self_attn.out.": f"{dst}attention.output.dense.",
-            f"{src}self_norm.": f"{dst}attention.output.LayerNorm.",
-            f"{src}cross_attn.q.": f"{cross}query.",
-            f"{src}cross_attn.out.": f"{dst}crossattention.output.dense.",
-            f"{src}cross_norm.": f"{dst}crossattention.output.LayerNorm.",
-            f"{src}ffn.0.": f"{dst}intermediate_query.dense.",
-            f"{src}ffn.2.": f"{dst}output_query.dense.",
-            f"{src}ffn_norm.": f"{dst}output_query.LayerNorm.",
-        }
-    return out | select(w, rename)
 
 
 FORMAT = register_format(

@@ -1,9 +1,11 @@
-"""What every converter needs: reading transformers weights, renaming them, loading them exactly."""
+"""What every converter and export needs: reading transformers weights, renaming them both ways,
+loading them exactly."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from vlm.encoders.base import CLIP_MEAN, CLIP_STD
-from vlm.encoders.vit import ViTConfig
 from vlm.files import read_json, read_safetensors
 from vlm.model import VisionLanguageModel
 from vlm.schema import ConfigError
@@ -61,11 +62,12 @@ def read_weights(path: Path) -> Checkpoint:
 
 
 def select(weights: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Tensor]:
-    """The tensors under any of ``prefixes`` (old -> new; the first match renames a key). Taken
-    from a :class:`Checkpoint`, they count as used."""
+    """The tensors under any of ``prefixes`` (old -> new), each renamed by the longest prefix it
+    starts with. Taken from a :class:`Checkpoint`, they count as used."""
+    ordered = sorted(prefixes.items(), key=lambda item: len(item[0]), reverse=True)
     out, taken = {}, []
     for key, value in weights.items():
-        for old, new in prefixes.items():
+        for old, new in ordered:
             if key.startswith(old):
                 out[new + key[len(old) :]] = value
                 taken.append(key)
@@ -75,6 +77,86 @@ def select(weights: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Te
     return out
 
 
+@dataclass(frozen=True)
+class KeyMap:
+    """One table of names between a part's tensors in transformers and in vlm, read one way by
+    the converter (:meth:`to_vlm`) and the other by the export (:meth:`to_transformers`).
+
+    Attributes:
+        renames: transformers prefix -> vlm prefix (the longest match renames a key).
+        fused: (transformers' separate projections, vlm's one projection), e.g. q, k and v.
+    """
+
+    renames: dict[str, str]
+    fused: tuple[tuple[tuple[str, ...], str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(set(self.renames.values())) != len(self.renames):
+            raise ValueError("a KeyMap's vlm names must be distinct for it to read both ways")
+
+    def to_vlm(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        w, out = dict(weights), {}
+        for parts, into in self.fused:
+            fuse(w, parts, into, out)
+        return out | select(w, self.renames)
+
+    def to_transformers(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        w, out = dict(state), {}
+        for parts, into in self.fused:
+            unfuse(w, into, parts, out)
+        return out | select(w, {new: old for old, new in self.renames.items()})
+
+    def transformers_names(self, key: str) -> list[str]:
+        """The transformers tensor(s) vlm's ``key`` is made of (for error messages)."""
+        for parts, into in self.fused:
+            for kind in ("weight", "bias"):
+                if key == f"{into}.{kind}":
+                    return [f"{p}.{kind}" for p in parts]
+        return list(select({key: None}, {new: old for old, new in self.renames.items()})) or [key]
+
+    def __or__(self, other: KeyMap) -> KeyMap:
+        return KeyMap(self.renames | other.renames, self.fused + other.fused)
+
+
+def fuse(w: dict[str, Tensor], parts: tuple[str, ...], into: str, out: dict[str, Tensor]) -> None:
+    """Concatenates the weights (and biases, when present) of separate projections taken from
+    ``w`` into the one projection ``into``, written to ``out``. Missing parts are skipped: a
+    table may name layers a model has only every k-th time (the Q-Former's cross-attention)."""
+    for kind in ("weight", "bias"):
+        if f"{parts[0]}.{kind}" in w:
+            out[f"{into}.{kind}"] = torch.cat([w.pop(f"{p}.{kind}") for p in parts])
+
+
+def unfuse(w: dict[str, Tensor], fused: str, parts: tuple[str, ...], out: dict[str, Tensor]) -> None:
+    """The inverse of :func:`fuse`: splits ``fused``'s weight (and bias, when present) taken from
+    ``w`` into equal ``parts`` written to ``out``."""
+    for kind in ("weight", "bias"):
+        if f"{fused}.{kind}" in w:
+            for part, tensor in zip(parts, w.pop(f"{fused}.{kind}").chunk(len(parts))):
+                out[f"{part}.{kind}"] = tensor
+
+
+def fit_shapes(module: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each tensor shaped as ``module``'s of that name where the two differ only
+    in dimensions of size 1 (BLIP-2 keeps its class token as ``(1, 1, D)``, vlm as ``(D,)``)."""
+    own = module.state_dict()
+
+    def fit(name: str, tensor: Tensor) -> Tensor:
+        target = own.get(name)
+        if target is None or target.shape == tensor.shape:
+            return tensor
+        if [n for n in target.shape if n != 1] != [n for n in tensor.shape if n != 1]:
+            return tensor  # a real mismatch: loading reports it
+        return tensor.reshape(target.shape)
+
+    return {name: fit(name, tensor) for name, tensor in state.items()}
+
+
+def write_into(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copies ``state`` into transformers' ``module`` for an export: every tensor has its place."""
+    module.load_state_dict(fit_shapes(module, state))
+
+
 def finish(model: VisionLanguageModel, weights: Checkpoint) -> VisionLanguageModel:
     """After every part is loaded: no parameter left empty, and the checkpoint's leftovers named."""
     finish_assigned(model)
@@ -82,10 +164,16 @@ def finish(model: VisionLanguageModel, weights: Checkpoint) -> VisionLanguageMod
     return model
 
 
-def load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
+def load_exact(module: nn.Module, state: dict[str, Tensor], what: str, keymap: KeyMap | None = None) -> None:
     """Loads ``state`` into ``module`` (its tensors become the parameters); every parameter must
-    be covered (a tied weight under either of its names) and every tensor used."""
-    missing, unexpected = load_covering(module, state, assign=True)
+    be covered (a tied weight under either of its names) and every tensor used. With a
+    ``keymap``, ``state`` has transformers' names: renamed by it, and missing tensors named as
+    the checkpoint names them."""
+    if keymap is not None:
+        state = keymap.to_vlm(state)
+    missing, unexpected = load_covering(module, fit_shapes(module, state), assign=True)
+    if keymap is not None:
+        missing = [name for key in missing for name in keymap.transformers_names(key)]
     if missing or unexpected:
         raise ConfigError(
             f"the checkpoint's {what} weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}"
@@ -105,114 +193,6 @@ def image_stats(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return CLIP_MEAN, CLIP_STD
 
 
-def vit_config(vision: Any, path: Path, **options: Any) -> ViTConfig:
-    """vlm's ViT with the sizes of a transformers CLIP-like vision config."""
-    width = getattr(vision, "hidden_size", None) or vision.embed_dim
-    mean, std = image_stats(path)
-    return ViTConfig(
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        width=width,
-        depth=vision.num_hidden_layers,
-        num_heads=vision.num_attention_heads,
-        mlp_ratio=vision.intermediate_size / width,
-        layer_norm_eps=vision.layer_norm_eps,
-        act={"gelu_pytorch_tanh": "gelu_tanh"}.get(vision.hidden_act, vision.hidden_act),
-        mean=mean,
-        std=std,
-        freeze=True,
-        **options,
-    )
-
-
-def vit_state(weights: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
-    """A CLIP-like vision tower's tensors (transformers names, prefix removed) as vlm ViT's."""
-    w = dict(weights)
-    out = {
-        "class_token": w.pop("embeddings.class_embedding").reshape(-1),
-        "pos_embed": _position_table(w),
-        "patch_embed.weight": w.pop("embeddings.patch_embedding.weight"),
-    }
-    rename = {
-        "pre_layrnorm.": "norm_pre.",
-        "post_layernorm.": "norm.",
-        "embeddings.patch_embedding.": "patch_embed.",
-    }
-    for i in range(depth):
-        src, dst = f"encoder.layers.{i}.", f"blocks.{i}."
-        if f"{src}self_attn.qkv.weight" not in w:  # CLIP: separate q, k, v; BLIP-2 stores qkv fused
-            fuse(w, [f"{src}self_attn.{p}_proj" for p in "qkv"], f"{src}self_attn.qkv")
-        rename |= {
-            f"{src}self_attn.qkv.": f"{dst}attn.qkv.",
-            f"{src}self_attn.out_proj.": f"{dst}attn.out.",
-            f"{src}self_attn.projection.": f"{dst}attn.out.",
-            f"{src}layer_norm1.": f"{dst}norm1.",
-            f"{src}layer_norm2.": f"{dst}norm2.",
-            f"{src}mlp.fc1.": f"{dst}mlp.0.",
-            f"{src}mlp.fc2.": f"{dst}mlp.2.",
-        }
-    return out | select(w, rename)
-
-
-def clip_vision_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
-    """vlm ViT's tensors as a transformers CLIP vision tower's (names under the tower): the
-    inverse of :func:`vit_state`, the fused ``qkv`` split back into ``q``, ``k``, ``v``."""
-    w = dict(state)
-    out = {
-        "embeddings.class_embedding": w.pop("class_token"),
-        "embeddings.position_embedding.weight": w.pop("pos_embed"),
-        "embeddings.patch_embedding.weight": w.pop("patch_embed.weight"),
-    }
-    if "patch_embed.bias" in w:  # BLIP-2's EVA tower
-        out["embeddings.patch_embedding.bias"] = w.pop("patch_embed.bias")
-    rename = {"norm_pre.": "pre_layrnorm.", "norm.": "post_layernorm."}
-    for i in range(depth):
-        src, dst = f"blocks.{i}.", f"encoder.layers.{i}."
-        unfuse(w, f"{src}attn.qkv", [f"{dst}self_attn.{name}_proj" for name in "qkv"], out)
-        rename |= {
-            f"{src}attn.out.": f"{dst}self_attn.out_proj.",
-            f"{src}norm1.": f"{dst}layer_norm1.",
-            f"{src}norm2.": f"{dst}layer_norm2.",
-            f"{src}mlp.0.": f"{dst}mlp.fc1.",
-            f"{src}mlp.2.": f"{dst}mlp.fc2.",
-        }
-    return out | select(w, rename)
-
-
-#: vlm's ViT activations by the names transformers' configs give them.
-HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-
-def clip_vision_config(encoder: Any) -> dict[str, Any]:
-    """A transformers ``CLIPVisionConfig``'s keys for vlm's ViT config ``encoder``, or a
-    ``ConfigError`` naming each option CLIP's tower has no counterpart for."""
-    problems = {
-        f"encoder {encoder.name!r} (only vlm's ViT exports)": encoder.name != "vit",
-        f"encoder.stem={getattr(encoder, 'stem', None)!r}": getattr(encoder, "stem", "patch") != "patch",
-        "encoder.patch_bias=true": getattr(encoder, "patch_bias", False),
-        "encoder.pre_norm=false": not getattr(encoder, "pre_norm", True),
-        "encoder.final_norm=true": getattr(encoder, "final_norm", False),
-        f"encoder.act={getattr(encoder, 'act', None)!r}": getattr(encoder, "act", "gelu")
-        not in HF_ACTIVATIONS,
-    }
-    refuse(problems, "transformers' CLIP vision tower")
-    return vision_sizes(encoder) | {"hidden_act": HF_ACTIVATIONS[encoder.act]}
-
-
-def vision_sizes(encoder: Any) -> dict[str, Any]:
-    """The sizes of vlm's ViT config ``encoder`` under the keys of transformers' vision configs
-    (CLIP's, BLIP-2's, IDEFICS's, which take ``embed_dim`` for ``hidden_size``)."""
-    return dict(
-        hidden_size=encoder.width,
-        intermediate_size=round(encoder.width * encoder.mlp_ratio),
-        num_hidden_layers=encoder.depth,
-        num_attention_heads=encoder.num_heads,
-        image_size=encoder.image_size,
-        patch_size=encoder.patch_size,
-        layer_norm_eps=encoder.layer_norm_eps,
-    )
-
-
 def refuse(problems: dict[str, bool], target: str) -> None:
     """One ``ConfigError`` naming every option (the keys that are true) ``target`` lacks."""
     found = [k for k, v in problems.items() if v]
@@ -222,29 +202,18 @@ def refuse(problems: dict[str, bool], target: str) -> None:
         )
 
 
-def _position_table(w: dict[str, Tensor]) -> Tensor:
-    table = w.pop("embeddings.position_embedding.weight", None)
-    if table is None:  # BLIP-2 keeps it as a bare (1, N, D) parameter
-        table = w.pop("embeddings.position_embedding")
-    w.pop("embeddings.position_ids", None)  # a buffer in old checkpoints
-    return table.reshape(-1, table.shape[-1])
+def crop_image_processor(encoder: nn.Module) -> Any:
+    """transformers' image processor doing what vlm's ``processor.resize = "crop"`` does: resize
+    the short side to the encoder's size, centre-crop, normalise with its statistics."""
+    import transformers  # noqa: PLC0415  (exports only)
 
-
-def fuse(w: dict[str, Tensor], parts: list[str], into: str) -> None:
-    """Concatenates the weights (and biases, when present) of separate projections (q, k, v) into
-    the one fused projection vlm uses."""
-    for kind in ("weight", "bias"):
-        if f"{parts[0]}.{kind}" in w:
-            w[f"{into}.{kind}"] = torch.cat([w.pop(f"{p}.{kind}") for p in parts])
-
-
-def unfuse(w: dict[str, Tensor], fused: str, parts: list[str], out: dict[str, Tensor]) -> None:
-    """The inverse of :func:`fuse`: splits ``fused``'s weight (and bias, when present) taken from
-    ``w`` into equal ``parts`` written to ``out`` (exports name transformers' separate projections)."""
-    for kind in ("weight", "bias"):
-        if f"{fused}.{kind}" in w:
-            for part, tensor in zip(parts, w.pop(f"{fused}.{kind}").chunk(len(parts))):
-                out[f"{part}.{kind}"] = tensor
+    size = encoder.image_size
+    return transformers.CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(encoder.mean),
+        image_std=list(encoder.std),
+    )
 
 
 def image_token_from_tokenizer(path: Path, token: str = "<image>") -> int:

@@ -19,21 +19,18 @@ from torch import Tensor, nn
 from vlm.bridges.perceiver import PerceiverConfig
 from vlm.config import ModelConfig
 from vlm.convert.common import (
-    clip_vision_config,
-    clip_vision_state,
+    KeyMap,
     finish,
-    fuse,
     image_token_from_tokenizer,
     load_exact,
     read_weights,
     refuse,
     select,
-    unfuse,
-    vit_config,
-    vit_state,
+    write_into,
 )
 from vlm.convert.reference import Size, llama_config, vision_config
 from vlm.convert.registry import Format, register_format
+from vlm.convert.towers import clip_tower, clip_tower_map, vit_config
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 from vlm.schema import ConfigError
@@ -79,9 +76,12 @@ def convert_idefics(path: Path, hf: Any) -> VisionLanguageModel:
     )
     model = build_model(config, empty=True)  # the checkpoint's tensors become its parameters
     weights = read_weights(path)
-    vit = vit_state(select(weights, {"model.vision_model.": ""}), vision.num_hidden_layers)
-    load_exact(model.encoder, vit, "vision tower")
-    load_exact(model.bridge, _bridge_state(weights, hf), "resampler and gated cross-attention")
+    tower = select(weights, {"model.vision_model.": ""})
+    load_exact(model.encoder, tower, "vision tower", clip_tower_map(vision.num_hidden_layers))
+    parts = select(weights, {p: p for p in ("model.perceiver_resampler.", "model.gated_cross_attn_layers.")})
+    gated = hf.num_hidden_layers // hf.cross_layer_interval
+    keymap = bridge_map(perceiver.resampler_depth, gated, hf.cross_layer_interval)
+    load_exact(model.bridge, parts, "resampler and gated cross-attention", keymap)
     load_exact(model.decoder.lm, _language_state(weights), "language model")
     return finish(model, weights)
 
@@ -127,39 +127,40 @@ def _cat(main: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     return main if extra is None else torch.cat([main, extra])
 
 
-def _bridge_state(weights: dict[str, torch.Tensor], hf: Any) -> dict[str, torch.Tensor]:
-    w = select(
-        weights, {"model.perceiver_resampler.": "resampler.", "model.gated_cross_attn_layers.": "gated."}
-    )
-    rename = {"resampler.latents": "resampler.latents", "resampler.layer_norm.": "resampler.norm."}
-    for i in range(hf.perceiver_config.resampler_depth):
-        src, dst = f"resampler.blocks.{i}.", f"resampler.layers.{i}."
-        fuse(w, [f"{src}0.k_proj", f"{src}0.v_proj"], f"{src}0.kv")
-        rename |= {
+def bridge_map(resampler_depth: int, gated_layers: int, interval: int) -> KeyMap:
+    """IDEFICS's resampler and gated cross-attention layers (names under the model) <-> vlm's
+    perceiver bridge. IDEFICS's j-th gated layer runs before decoder layer ``j * interval``:
+    it is vlm's block of that layer."""
+    renames = {
+        "model.perceiver_resampler.latents": "resampler.latents",
+        "model.perceiver_resampler.layer_norm.": "resampler.norm.",
+    }
+    fused = []
+    for i in range(resampler_depth):
+        src, dst = f"model.perceiver_resampler.blocks.{i}.", f"resampler.layers.{i}."
+        fused.append(((f"{src}0.k_proj", f"{src}0.v_proj"), f"{dst}attn.kv"))
+        renames |= {
             f"{src}0.context_layer_norm.": f"{dst}norm_media.",
             f"{src}0.latents_layer_norm.": f"{dst}norm_latents.",
             f"{src}0.q_proj.": f"{dst}attn.q.",
-            f"{src}0.kv.": f"{dst}attn.kv.",
             f"{src}0.output_proj.": f"{dst}attn.out.",
             f"{src}1.ln.": f"{dst}mlp.0.",
             f"{src}1.fc.": f"{dst}mlp.1.",
             f"{src}1.c_proj.": f"{dst}mlp.3.",
         }
-    for j in range(hf.num_hidden_layers // hf.cross_layer_interval):
-        # IDEFICS's j-th gated layer runs before decoder layer j * interval: vlm's block of that layer.
-        src, dst = f"gated.{j}.", f"blocks.{j * hf.cross_layer_interval}."
-        fuse(w, [f"{src}cross_attn.k_proj", f"{src}cross_attn.v_proj"], f"{src}cross_attn.kv")
-        rename |= {
+    for j in range(gated_layers):
+        src, dst = f"model.gated_cross_attn_layers.{j}.", f"blocks.{j * interval}."
+        fused.append(((f"{src}cross_attn.k_proj", f"{src}cross_attn.v_proj"), f"{dst}attn.kv"))
+        renames |= {
             f"{src}alpha_cross_attn": f"{dst}attn_gate",
             f"{src}alpha_dense": f"{dst}mlp_gate",
             f"{src}input_layernorm.": f"{dst}attn_norm.",
             f"{src}cross_attn.q_proj.": f"{dst}attn.q.",
-            f"{src}cross_attn.kv.": f"{dst}attn.kv.",
             f"{src}cross_attn.o_proj.": f"{dst}attn.out.",
             f"{src}post_attention_layernorm.": f"{dst}mlp.0.",
             f"{src}mlp.": f"{dst}mlp.1.",
         }
-    return select(w, rename)
+    return KeyMap(renames, tuple(fused))
 
 
 def reference_idefics(size: Size, image_token_id: int) -> nn.Module:
@@ -207,7 +208,8 @@ def idefics_inputs(inputs: dict[str, Tensor], image_token_id: int) -> dict[str, 
 def export_idefics(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module, Any]:
     """transformers' ``IdeficsForVisionText2Text`` holding ``model``'s weights (a ``perceiver``
     bridge with IDEFICS's options on a Llama decoder), and its ``IdeficsProcessor``."""
-    enc, bridge, lm = model.config.encoder, model.config.bridge, model.decoder.lm
+    bridge, lm = model.config.bridge, model.decoder.lm
+    tower = clip_tower(model.encoder)
     text = lm.config.get_text_config()
     heads, width, depth, k = (
         text.num_attention_heads,
@@ -222,10 +224,10 @@ def export_idefics(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Modul
             "grouped-query attention (num_key_value_heads != num_attention_heads)": (
                 getattr(text, "num_key_value_heads", heads) != heads
             ),
-            f"encoder.feature_layer={enc.feature_layer} (IDEFICS resamples the last layer)": (
-                model.encoder.blocks_to_run != enc.depth
+            f"encoder.feature_layer={tower.feature_layer} (IDEFICS resamples the last layer)": (
+                tower.feature_layer != -1
             ),
-            "encoder.keep_class_token=false": not enc.keep_class_token,
+            "encoder.keep_class_token=false": not tower.keep_class_token,
             f"bridge.placement={bridge.placement!r}": bridge.placement != "first",
             f"bridge.cross_attention_interval={k} (not a divisor of the LM's {depth} layers)": depth % k != 0,
             f"bridge.mlp_act={bridge.mlp_act!r}": bridge.mlp_act != "relu",
@@ -242,7 +244,7 @@ def export_idefics(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Modul
         },
         "IdeficsForVisionText2Text",
     )
-    vision = clip_vision_config(enc)
+    vision = dict(tower.config)
     vision["embed_dim"] = vision.pop("hidden_size")
     llama = {
         key: getattr(text, key)
@@ -276,55 +278,17 @@ def export_idefics(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Modul
         ),
     )
     hf = transformers.IdeficsForVisionText2Text(config)
-    state = {
-        f"model.vision_model.{key}": v
-        for key, v in clip_vision_state(model.encoder.state_dict(), enc.depth).items()
-    }
-    state |= {
-        f"model.{key}": v for key, v in _bridge_export(model.bridge.state_dict(), bridge, depth).items()
-    }
+    state = {f"model.vision_model.{key}": v for key, v in tower.state.items()}
+    state |= bridge_map(bridge.depth, depth // k, k).to_transformers(model.bridge.state_dict())
     state |= lm.state_dict()  # the LM keeps its names: IDEFICS's decoder is Llama's
-    hf.load_state_dict(state)
+    write_into(hf, state)
     hf.to(next(model.parameters()).dtype)
     image_processor = transformers.IdeficsImageProcessor(
-        image_size=enc.image_size, image_mean=list(model.encoder.mean), image_std=list(model.encoder.std)
+        image_size=model.encoder.image_size,
+        image_mean=list(model.encoder.mean),
+        image_std=list(model.encoder.std),
     )
     return hf, transformers.IdeficsProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def _bridge_export(state: dict[str, Tensor], bridge: PerceiverConfig, text_layers: int) -> dict[str, Tensor]:
-    """vlm's perceiver bridge tensors under IDEFICS's names: the inverse of :func:`_bridge_state`."""
-    w = dict(state)
-    out: dict[str, Tensor] = {}
-    rename = {
-        "resampler.latents": "perceiver_resampler.latents",
-        "resampler.norm.": "perceiver_resampler.layer_norm.",
-    }
-    for i in range(bridge.depth):
-        src, dst = f"resampler.layers.{i}.", f"perceiver_resampler.blocks.{i}."
-        unfuse(w, f"{src}attn.kv", [f"{dst}0.k_proj", f"{dst}0.v_proj"], out)
-        rename |= {
-            f"{src}norm_media.": f"{dst}0.context_layer_norm.",
-            f"{src}norm_latents.": f"{dst}0.latents_layer_norm.",
-            f"{src}attn.q.": f"{dst}0.q_proj.",
-            f"{src}attn.out.": f"{dst}0.output_proj.",
-            f"{src}mlp.0.": f"{dst}1.ln.",
-            f"{src}mlp.1.": f"{dst}1.fc.",
-            f"{src}mlp.3.": f"{dst}1.c_proj.",
-        }
-    for j in range(text_layers // bridge.cross_attention_interval):
-        src, dst = f"blocks.{j * bridge.cross_attention_interval}.", f"gated_cross_attn_layers.{j}."
-        unfuse(w, f"{src}attn.kv", [f"{dst}cross_attn.k_proj", f"{dst}cross_attn.v_proj"], out)
-        rename |= {
-            f"{src}attn_gate": f"{dst}alpha_cross_attn",
-            f"{src}mlp_gate": f"{dst}alpha_dense",
-            f"{src}attn_norm.": f"{dst}input_layernorm.",
-            f"{src}attn.q.": f"{dst}cross_attn.q_proj.",
-            f"{src}attn.out.": f"{dst}cross_attn.o_proj.",
-            f"{src}mlp.0.": f"{dst}post_attention_layernorm.",
-            f"{src}mlp.1.": f"{dst}mlp.",
-        }
-    return out | select(w, rename)
 
 
 FORMAT = register_format(

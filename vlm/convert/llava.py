@@ -14,18 +14,17 @@ from torch import nn
 from vlm.bridges.linear import ProjectorConfig
 from vlm.config import ModelConfig
 from vlm.convert.common import (
-    clip_vision_config,
-    clip_vision_state,
+    crop_image_processor,
     finish,
     load_exact,
     read_weights,
     refuse,
     select,
-    vit_config,
-    vit_state,
+    write_into,
 )
 from vlm.convert.reference import Size, llama_config, vision_config
 from vlm.convert.registry import Format, register_format
+from vlm.convert.towers import clip_tower, clip_tower_map, vit_config
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 from vlm.schema import ConfigError
@@ -92,7 +91,8 @@ def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
         image_token_id=hf.image_token_id,
     )
     model = build_model(config, empty=True)  # the checkpoint's tensors become its parameters
-    load_exact(model.encoder, vit_state(select(weights, VISION), vision.num_hidden_layers), "vision tower")
+    tower = select(weights, VISION)
+    load_exact(model.encoder, tower, "vision tower", clip_tower_map(vision.num_hidden_layers))
     load_exact(model.bridge, projector, "projector")
     lm = model.decoder.lm
     load_exact(lm, select(weights, language_prefixes(lm.base_model_prefix)), "language model")
@@ -116,8 +116,8 @@ def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
     """transformers' ``LlavaForConditionalGeneration`` holding ``model``'s weights, and its
     ``LlavaProcessor``. A ``linear`` bridge becomes the projector's first linear, an identity
     activation and an identity second linear (exact)."""
-    enc, bridge, processor = model.config.encoder, model.config.bridge, model.config.processor
-    vision = clip_vision_config(enc)
+    bridge, processor = model.config.bridge, model.config.processor
+    tower = clip_tower(model.encoder)
     refuse(
         {
             f"processor.resize={processor.resize!r} (LlavaProcessor resizes and centre-crops)": (
@@ -134,19 +134,18 @@ def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
     # that not every LM has (GPT-2's is ``wte``). The copy is exact.
     text_config.tie_word_embeddings = False
     config = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**vision),
+        vision_config=transformers.CLIPVisionConfig(**tower.config),
         text_config=text_config,
         image_token_id=model.image_token_id,
         projector_hidden_act=PROJECTOR_ACTS[bridge.name],
-        vision_feature_layer=model.encoder.blocks_to_run - enc.depth - 1,
-        vision_feature_select_strategy="full" if enc.keep_class_token else "default",
+        vision_feature_layer=tower.feature_layer,
+        vision_feature_select_strategy="full" if tower.keep_class_token else "default",
         multimodal_projector_bias=bridge.bias,
         image_seq_length=model.tokens_per_image,
         tie_word_embeddings=False,
     )
     hf = transformers.LlavaForConditionalGeneration(config)
-    tower = getattr(hf.model.vision_tower, "vision_model", hf.model.vision_tower)
-    tower.load_state_dict(clip_vision_state(model.encoder.state_dict(), enc.depth))
+    write_into(getattr(hf.model.vision_tower, "vision_model", hf.model.vision_tower), tower.state)
     projector = model.bridge.state_dict()
     if bridge.name == "linear":
         width = lm.config.get_text_config().hidden_size
@@ -157,17 +156,11 @@ def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
     hf.model.language_model.load_state_dict(lm.base_model.state_dict())
     hf.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     hf.to(next(model.parameters()).dtype)
-    size = enc.image_size
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(model.encoder.mean),
-        image_std=list(model.encoder.std),
-    )
+    image_processor = crop_image_processor(model.encoder)
     return hf, transformers.LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=enc.patch_size,
+        patch_size=tower.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's class token
         image_token=tokenizer.convert_ids_to_tokens(model.image_token_id),

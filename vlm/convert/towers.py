@@ -1,0 +1,244 @@
+"""Vision towers both ways: transformers' CLIP tower (LLaVA's, IDEFICS's) and BLIP-2's EVA tower
+as vlm's ViT, and vlm's encoders (its ViT, open_clip's ViTs) as transformers' CLIP tower."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from vlm.convert.common import KeyMap, image_stats, refuse
+from vlm.encoders.vit import QuickGELU, ViTConfig
+from vlm.schema import ConfigError
+
+#: vlm's ViT activations by the names transformers' configs give them.
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def vit_config(vision: Any, path: Path, **options: Any) -> ViTConfig:
+    """vlm's ViT with the sizes of a transformers CLIP-like vision config."""
+    width = getattr(vision, "hidden_size", None) or vision.embed_dim
+    mean, std = image_stats(path)
+    return ViTConfig(
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        width=width,
+        depth=vision.num_hidden_layers,
+        num_heads=vision.num_attention_heads,
+        mlp_ratio=vision.intermediate_size / width,
+        layer_norm_eps=vision.layer_norm_eps,
+        act={v: k for k, v in HF_ACTIVATIONS.items()}.get(vision.hidden_act, vision.hidden_act),
+        mean=mean,
+        std=std,
+        freeze=True,
+        **options,
+    )
+
+
+def _blocks(depth: int, names: dict[str, str]) -> dict[str, str]:
+    """``names`` (transformers' layer-relative prefix -> vlm's block-relative one) for each block."""
+    return {
+        f"encoder.layers.{i}.{theirs}": f"blocks.{i}.{ours}"
+        for i in range(depth)
+        for theirs, ours in names.items()
+    }
+
+
+_LAYER = {
+    "layer_norm1.": "norm1.",
+    "layer_norm2.": "norm2.",
+    "mlp.fc1.": "mlp.0.",
+    "mlp.fc2.": "mlp.2.",
+}
+
+
+def clip_tower_map(depth: int) -> KeyMap:
+    """transformers' CLIP vision tower (names under ``vision_model``) <-> vlm's ViT."""
+    return KeyMap(
+        renames={
+            "embeddings.class_embedding": "class_token",
+            "embeddings.position_embedding.weight": "pos_embed",
+            "embeddings.patch_embedding.": "patch_embed.",
+            "pre_layrnorm.": "norm_pre.",
+            "post_layernorm.": "norm.",
+        }
+        | _blocks(depth, _LAYER | {"self_attn.out_proj.": "attn.out."}),
+        fused=tuple(
+            (tuple(f"encoder.layers.{i}.self_attn.{p}_proj" for p in "qkv"), f"blocks.{i}.attn.qkv")
+            for i in range(depth)
+        ),
+    )
+
+
+def eva_tower_map(depth: int) -> KeyMap:
+    """BLIP-2's EVA tower in transformers (fused qkv, a patch bias, no pre-norm, the position
+    table a bare parameter) <-> vlm's ViT. Shapes differing by size-1 dimensions (BLIP-2's
+    ``(1, 1, D)`` class token) are fitted on loading."""
+    return KeyMap(
+        renames={
+            "embeddings.class_embedding": "class_token",
+            "embeddings.position_embedding": "pos_embed",
+            "embeddings.patch_embedding.": "patch_embed.",
+            "post_layernorm.": "norm.",
+        }
+        | _blocks(depth, _LAYER | {"self_attn.qkv.": "attn.qkv.", "self_attn.projection.": "attn.out."})
+    )
+
+
+def vision_sizes(encoder: Any) -> dict[str, Any]:
+    """The sizes of vlm's ViT config ``encoder`` under the keys of transformers' vision configs
+    (CLIP's, BLIP-2's, IDEFICS's, which take ``embed_dim`` for ``hidden_size``)."""
+    return dict(
+        hidden_size=encoder.width,
+        intermediate_size=round(encoder.width * encoder.mlp_ratio),
+        num_hidden_layers=encoder.depth,
+        num_attention_heads=encoder.num_heads,
+        image_size=encoder.image_size,
+        patch_size=encoder.patch_size,
+        layer_norm_eps=encoder.layer_norm_eps,
+    )
+
+
+@dataclass(frozen=True)
+class CLIPTower:
+    """A vlm image encoder as transformers' CLIP vision tower: what LLaVA's and IDEFICS's exports
+    write.
+
+    Attributes:
+        config: ``CLIPVisionConfig``'s keys.
+        state: the tower's tensors under transformers' names (those under ``vision_model``).
+        feature_layer: the hidden state vlm's features are, as transformers indexes
+            ``hidden_states`` from the end (``-1``: the last block's output).
+        keep_class_token: the features start with the class token.
+        patch_size: the side of a patch, in pixels.
+    """
+
+    config: dict[str, Any]
+    state: dict[str, Tensor]
+    feature_layer: int
+    keep_class_token: bool
+    patch_size: int
+
+
+def vit_tower(encoder: nn.Module) -> CLIPTower:
+    """vlm's ViT as a CLIP tower."""
+    config = encoder.config
+    refuse(
+        {
+            f"encoder.stem={config.stem!r}": config.stem != "patch",
+            "encoder.patch_bias=true": config.patch_bias,
+            "encoder.pre_norm=false": not config.pre_norm,
+            "encoder.final_norm=true": config.final_norm,
+            f"encoder.act={config.act!r}": config.act not in HF_ACTIVATIONS,
+        },
+        "transformers' CLIP vision tower",
+    )
+    return CLIPTower(
+        config=vision_sizes(config) | {"hidden_act": HF_ACTIVATIONS[config.act]},
+        state=clip_tower_map(config.depth).to_transformers(encoder.state_dict()),
+        feature_layer=encoder.blocks_to_run - config.depth - 1,
+        keep_class_token=config.keep_class_token,
+        patch_size=config.patch_size,
+    )
+
+
+def open_clip_tower_map(depth: int) -> KeyMap:
+    """transformers' CLIP vision tower <-> an open_clip ``VisionTransformer`` (its attention's
+    ``in_proj_weight`` spelt ``in_proj.weight``). open_clip's ``proj`` (to the joint image-text
+    space) has no place in the tower and is left out."""
+    return KeyMap(
+        renames={
+            "embeddings.class_embedding": "class_embedding",
+            "embeddings.position_embedding.weight": "positional_embedding",
+            "embeddings.patch_embedding.weight": "conv1.weight",
+            "pre_layrnorm.": "ln_pre.",
+            "post_layernorm.": "ln_post.",
+        }
+        | {
+            f"encoder.layers.{i}.{theirs}": f"transformer.resblocks.{i}.{ours}"
+            for i in range(depth)
+            for theirs, ours in {
+                "self_attn.out_proj.": "attn.out_proj.",
+                "layer_norm1.": "ln_1.",
+                "layer_norm2.": "ln_2.",
+                "mlp.fc1.": "mlp.c_fc.",
+                "mlp.fc2.": "mlp.c_proj.",
+            }.items()
+        },
+        fused=tuple(
+            (
+                tuple(f"encoder.layers.{i}.self_attn.{p}_proj" for p in "qkv"),
+                f"transformer.resblocks.{i}.attn.in_proj",
+            )
+            for i in range(depth)
+        ),
+    )
+
+
+def open_clip_tower(encoder: nn.Module) -> CLIPTower:
+    """An open_clip ViT (vlm's ``clip`` encoder) as a CLIP tower: the blocks of OpenAI's CLIP,
+    without layer scale, with a pre-norm, GELU or QuickGELU."""
+    import open_clip  # noqa: PLC0415  (only open_clip towers get here: the encoder imported it)
+
+    config, tower = encoder.config, encoder.tower
+    vit = isinstance(tower, open_clip.transformer.VisionTransformer)
+    blocks = list(tower.transformer.resblocks) if vit else []
+    first = blocks[0] if blocks else None
+    act = type(first.mlp.gelu) if first is not None else None
+    size = getattr(tower, "image_size", (0, 0))
+    patch = getattr(tower, "patch_size", (0, 0))
+    refuse(
+        {
+            f"encoder.model={config.model!r} (not a ViT)": not vit,
+            "encoder.final_norm=true": config.final_norm,
+            f"encoder.model={config.model!r} (layer scale, ls_init_value)": any(
+                not isinstance(b.ls_1, nn.Identity) for b in blocks
+            ),
+            f"encoder.model={config.model!r} (other attention blocks than CLIP's)": any(
+                not isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks
+            ),
+            f"encoder.model={config.model!r} (no ln_pre)": vit and isinstance(tower.ln_pre, nn.Identity),
+            f"encoder.model={config.model!r} (activation {getattr(act, '__name__', act)})": vit
+            and act not in (nn.GELU, open_clip.transformer.QuickGELU, QuickGELU),
+            f"encoder.model={config.model!r} (non-square images or patches)": vit
+            and (size[0] != size[1] or patch[0] != patch[1]),
+        },
+        "transformers' CLIP vision tower",
+    )
+    width = tower.class_embedding.shape[-1]
+    # nn.MultiheadAttention names its fused projection ``in_proj_weight``; the map spells it as a module.
+    state = {k.replace(".attn.in_proj_", ".attn.in_proj."): v for k, v in tower.state_dict().items()}
+    return CLIPTower(
+        config=dict(
+            hidden_size=width,
+            intermediate_size=first.mlp.c_fc.out_features,
+            num_hidden_layers=len(blocks),
+            num_attention_heads=first.attn.num_heads,
+            image_size=size[0],
+            patch_size=patch[0],
+            layer_norm_eps=first.ln_1.eps,
+            hidden_act="gelu" if act is nn.GELU else "quick_gelu",
+        ),
+        state=open_clip_tower_map(len(blocks)).to_transformers(state),
+        feature_layer=encoder.block - len(blocks),
+        keep_class_token=config.keep_class_token,
+        patch_size=patch[0],
+    )
+
+
+#: vlm's encoders that export as transformers' CLIP tower, by name.
+CLIP_TOWERS: dict[str, Callable[[nn.Module], CLIPTower]] = {"vit": vit_tower, "clip": open_clip_tower}
+
+
+def clip_tower(encoder: nn.Module) -> CLIPTower:
+    """``encoder`` as transformers' CLIP tower, or a ``ConfigError`` naming what it lacks."""
+    name = encoder.config.name
+    if name not in CLIP_TOWERS:
+        raise ConfigError(
+            f"this model does not export to transformers' CLIP vision tower: encoder {name!r} has no "
+            f"counterpart there (exportable encoders: {', '.join(CLIP_TOWERS)})"
+        )
+    return CLIP_TOWERS[name](encoder)
