@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny
 import torch
 import transformers
 from PIL import Image
@@ -16,6 +17,7 @@ from vlm.config import ModelConfig
 from vlm.convert import IMAGE_TOKEN_ID, export_transformers, placeholder_tokenizer
 from vlm.data.transforms import encoder_transform
 from vlm.decoders.hf import HFDecoderConfig
+from vlm.encoders.clip import CLIPConfig
 from vlm.encoders.vit import ViTConfig
 from vlm.generate import generate
 from vlm.model import build_model
@@ -68,6 +70,11 @@ KINDS = {
         ProjectorConfig(name="linear", bias=True),
         GPT2,
     ),
+    "mlp2x_gelu, gpt2, open_clip tower": (
+        CLIPConfig(model=tiny.TINY_CLIP, feature_layer=-2, keep_class_token=True),
+        ProjectorConfig(name="mlp2x_gelu"),
+        GPT2,
+    ),
     "qformer, opt": (
         dict(EVA, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)),
         QFormerConfig(
@@ -90,10 +97,13 @@ TARGETS = {
 }
 
 
-def tiny_model(encoder: dict, bridge: ProjectorConfig, decoder: dict, seed: int = 0):
+def tiny_model(encoder: dict | CLIPConfig, bridge: ProjectorConfig, decoder: dict, seed: int = 0):
+    """A model with random weights all round; ``encoder``: a ViT's options, or an open_clip tower."""
     torch.manual_seed(seed)
+    if isinstance(encoder, dict):
+        encoder = ViTConfig(image_size=32, patch_size=8, width=32, depth=3, num_heads=2, **encoder)
     config = ModelConfig(
-        encoder=ViTConfig(image_size=32, patch_size=8, width=32, depth=3, num_heads=2, **encoder),
+        encoder=encoder,
         bridge=bridge,
         decoder=HFDecoderConfig(hf_config=decoder, freeze=False),
         image_token_id=IMAGE_TOKEN_ID,
@@ -152,11 +162,50 @@ def test_greedy_tokens_through_transformers_processor_and_generate_equal_vlms(ex
     assert ours.tolist() == theirs.tolist()
 
 
+#: An open_clip ViT's tensors by the names of vlm's ViT, which reads transformers' CLIP tower
+#: back (written out here, not taken from vlm's tables). ``proj`` (into CLIP's joint space) has
+#: no place in a LLaVA tower.
+OPEN_CLIP_AS_VIT = {
+    "class_embedding": "class_token",
+    "positional_embedding": "pos_embed",
+    "conv1.": "patch_embed.",
+    "ln_pre.": "norm_pre.",
+    "ln_post.": "norm.",
+    "transformer.resblocks.": "blocks.",
+    "ln_1.": "norm1.",
+    "ln_2.": "norm2.",
+    "attn.in_proj_": "attn.qkv.",
+    "attn.out_proj.": "attn.out.",
+    "mlp.c_fc.": "mlp.0.",
+    "mlp.c_proj.": "mlp.2.",
+}
+
+
+def _as_vit(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        if key == "encoder.tower.proj":
+            continue
+        if key.startswith("encoder.tower."):
+            key = key.replace("encoder.tower.", "encoder.")
+            for old, new in OPEN_CLIP_AS_VIT.items():
+                key = key.replace(f".{old}", f".{new}")
+        out[key] = value
+    return out
+
+
 def test_the_export_loads_back_into_vlm_bit_for_bit(exported):
     model, _, path, _ = exported
     back = vlm.from_pretrained(path)
-    assert back.config.encoder == model.config.encoder and back.config.bridge == model.config.bridge
+    assert back.config.bridge == model.config.bridge
     ours, theirs = model.state_dict(), back.state_dict()
+    if model.config.encoder.name == "clip":  # it comes back as vlm's ViT, of the same shape
+        encoder = back.config.encoder
+        assert (encoder.name, encoder.feature_layer, encoder.keep_class_token) == ("vit", -2, True)
+        assert (encoder.mean, encoder.std) == (model.encoder.mean, model.encoder.std)
+        ours = _as_vit(ours)
+    else:
+        assert back.config.encoder == model.config.encoder
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -172,6 +221,7 @@ def test_the_export_loads_back_into_vlm_bit_for_bit(exported):
         ),
         (dict(final_norm=True), ProjectorConfig(), "encoder.final_norm=true"),
         (dict(), ProjectorConfig(merge=2), "bridge.merge=2"),
+        (CLIPConfig(model=tiny.TINY_CLIP, final_norm=True), ProjectorConfig(), "encoder.final_norm=true"),
     ],
 )
 def test_options_without_a_transformers_counterpart_are_refused_by_name(encoder, bridge, match, tmp_path):
