@@ -23,6 +23,21 @@ class PadToSquare(torch.nn.Module):
         return TF.pad(image, [left, top, side - width - left, side - height - top], fill=self.fill)
 
 
+class CenterCrop(torch.nn.Module):
+    """A centre crop to ``size`` x ``size`` whose offsets round down, as transformers' image
+    processors place it (so LLaVA's, BLIP-2's and IDEFICS's inputs, and exported models', are
+    vlm's pixel for pixel). torchvision's rounds half to even: a pixel apart for some odd margins."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        top, left = (height - self.size) // 2, (width - self.size) // 2
+        return TF.crop(image, top, left, self.size, self.size)
+
+
 def image_transform(
     size: int, mean: tuple[float, ...], std: tuple[float, ...], *, mode: str = "crop"
 ) -> v2.Compose:
@@ -36,7 +51,7 @@ def image_transform(
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     bicubic = InterpolationMode.BICUBIC
     if mode == "crop":
-        geometry = [v2.Resize(size, interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+        geometry = [v2.Resize(size, interpolation=bicubic, antialias=True), CenterCrop(size)]
     else:
         fill = [round(255 * m) for m in mean]
         geometry = [PadToSquare(fill), v2.Resize((size, size), interpolation=bicubic, antialias=True)]

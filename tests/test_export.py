@@ -327,3 +327,53 @@ def test_a_perceiver_with_options_idefics_lacks_is_refused_naming_them(tmp_path)
         ConfigError, match="grouped-query attention.*bridge.placement='last', bridge.mlp_act='gelu'"
     ):
         export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)
+
+
+def test_greedy_tokens_through_idefics_processor_and_generate_equal_vlms(tmp_path):
+    from vlm.bridges.perceiver import PerceiverConfig
+
+    llama = dict(LLAMA, num_key_value_heads=4)
+    model = tiny_model(
+        dict(feature_layer=-1, keep_class_token=True), PerceiverConfig(**IDEFICS_BRIDGE), llama
+    )
+    # IdeficsProcessor puts a <fake_token_around_image> on either side of each image.
+    tokenizer = placeholder_tokenizer(VOCAB - 1)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>"]})
+    assert len(tokenizer) == VOCAB
+    export_transformers(model, tokenizer, tmp_path)
+    hf = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path).eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+    assert type(processor).__name__ == "IdeficsProcessor"
+    image = _image(3)
+    inputs = processor(images=[image], text=["w7"], return_tensors="pt")
+    ids = inputs["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[0].tolist()) == [
+        "<s>",
+        "<fake_token_around_image>",
+        "<image>",
+        "<fake_token_around_image>",
+        "w7",
+    ]
+    ours_pixels = encoder_transform(model.encoder)(image)[None]
+    assert (inputs["pixel_values"][0] - ours_pixels).abs().max() < 1e-5
+    with torch.no_grad():  # the image reaches the text (the gates are open)
+        other = encoder_transform(model.encoder)(_image(4))[None]
+        assert (
+            model(ids, pixel_values=ours_pixels).logits - model(ids, pixel_values=other).logits
+        ).abs().max() > 1e-3
+        theirs = hf.generate(
+            **inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID]
+        )[:, ids.shape[1] :]
+    ours = generate(model, ids, pixel_values=ours_pixels, max_new_tokens=16)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_the_exported_processor_prepares_a_non_square_image_as_vlm_does(exported):
+    model, _, path, _ = exported
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    rng = np.random.default_rng(5)
+    for size in ((80, 50), (45, 77)):  # odd margins: where centre crops round differently
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        theirs = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        ours = encoder_transform(model.encoder)(image)[None]
+        assert (theirs - ours).abs().max() < 1e-5
