@@ -296,14 +296,20 @@ IDEFICS_BRIDGE = dict(
 )
 
 
-def test_a_perceiver_model_exports_to_idefics_and_comes_back(tmp_path):
+@pytest.mark.parametrize(
+    "encoder",
+    [
+        dict(feature_layer=-1, keep_class_token=True),
+        CLIPConfig(model=tiny.TINY_CLIP, feature_layer=-1, keep_class_token=True),
+    ],
+    ids=["vit", "open_clip"],
+)
+def test_a_perceiver_model_exports_to_idefics_and_comes_back(encoder, tmp_path):
     from vlm.bridges.perceiver import PerceiverConfig
     from vlm.convert import FORMATS
 
     llama = dict(LLAMA, num_key_value_heads=4)  # IDEFICS's decoder has no grouped-query attention
-    model = tiny_model(
-        dict(feature_layer=-1, keep_class_token=True), PerceiverConfig(**IDEFICS_BRIDGE), llama
-    )
+    model = tiny_model(encoder, PerceiverConfig(**IDEFICS_BRIDGE), llama)
     fmt, _ = export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)
     hf = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path).eval()
     g = torch.Generator().manual_seed(2)
@@ -314,8 +320,8 @@ def test_a_perceiver_model_exports_to_idefics_and_comes_back(tmp_path):
         ours = model(**inputs).logits
         theirs = hf(**FORMATS["idefics"].hf_inputs(inputs, IMAGE_TOKEN_ID)).logits
     assert fmt.name == "idefics" and (ours - theirs).abs().max() < 1e-4
-    back = vlm.from_pretrained(tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    ours, theirs = _as_vit(model.state_dict()), vlm.from_pretrained(tmp_path).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_a_perceiver_with_options_idefics_lacks_is_refused_naming_them(tmp_path):
@@ -377,3 +383,25 @@ def test_the_exported_processor_prepares_a_non_square_image_as_vlm_does(exported
         theirs = processor.image_processor(image, return_tensors="pt")["pixel_values"]
         ours = encoder_transform(model.encoder)(image)[None]
         assert (theirs - ours).abs().max() < 1e-5
+
+
+def test_the_readmes_export_command_and_transformers_snippet_run(tmp_path, monkeypatch, capsys):
+    """The README's "Back to transformers" commands, as written, on a tiny model."""
+    import shlex
+    from pathlib import Path
+
+    from vlm.cli import main
+
+    section = (Path(__file__).parents[1] / "README.md").read_text().split("### Back to transformers", 1)[1]
+    command = section.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model(*KINDS["mlp2x_gelu, llama, full features"])
+    model.save_pretrained("runs/my-model", tokenizer=placeholder_tokenizer(VOCAB))
+    _image(6).save("photo.jpg")
+    args = shlex.split(command)
+    assert args[0] == "vlm" and main(args[1:]) == 0
+    capsys.readouterr()
+    exec(compile(snippet, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.split()  # the generated text: the tokenizer's words
+    assert printed and set(printed) <= set(placeholder_tokenizer(VOCAB).get_vocab())
