@@ -231,7 +231,7 @@ def test_options_without_a_transformers_counterpart_are_refused_by_name(encoder,
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-def test_vlm_export_writes_a_checkpoint_transformers_loads(tmp_path):
+def test_vlm_export_writes_a_checkpoint_transformers_loads(tmp_path, capsys):
     from vlm.cli import main
 
     model = tiny_model(*KINDS["mlp2x_gelu, llama, full features"])
@@ -246,10 +246,12 @@ def test_vlm_export_writes_a_checkpoint_transformers_loads(tmp_path):
                 "transformers",
                 "--out",
                 str(tmp_path / "hf"),
+                "--check",
             ]
         )
         == 0
     )
+    assert "check: transformers' logits are" in capsys.readouterr().out
     hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "hf")
     assert type(hf).__name__ == "LlavaForConditionalGeneration"
     assert (tmp_path / "hf" / "tokenizer.json").is_file() and (
@@ -405,3 +407,23 @@ def test_the_readmes_export_command_and_transformers_snippet_run(tmp_path, monke
     exec(compile(snippet, "README.md", "exec"), {})
     printed = capsys.readouterr().out.split()  # the generated text: the tokenizer's words
     assert printed and set(printed) <= set(placeholder_tokenizer(VOCAB).get_vocab())
+
+
+def test_the_export_check_finds_a_wrong_weight(exported, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vlm.convert import check_export
+
+    model, _, path, fmt = exported
+    assert check_export(model, fmt, path) < 1e-4
+    shutil.copytree(path, tmp_path / "broken")
+    weights = load_file(tmp_path / "broken" / "model.safetensors")
+    name = next(k for k in weights if k.split(".")[-2] in ("linear_1", "language_projection"))  # the bridge
+    # Noise, not a constant: the pre-norm LMs (GPT-2, OPT) are blind to a uniform shift.
+    weights[name] = weights[name] + torch.randn(
+        weights[name].shape, generator=torch.Generator().manual_seed(0)
+    )
+    save_file(weights, tmp_path / "broken" / "model.safetensors", metadata={"format": "pt"})
+    assert check_export(model, fmt, tmp_path / "broken") > 1e-2

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm.convert import export_transformers
+from vlm.convert import check_export, export_transformers
 from vlm.data import cli as data_cli
 from vlm.data.shapes import FOLLOW_UPS, combination
 from vlm.eval import cli as eval_cli
@@ -140,13 +140,25 @@ def _save(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The largest logit difference ``vlm export --check`` accepts, in float32 (the tests see < 1e-5).
+CHECK_TOLERANCE = 1e-3
+
+
 def _export(args: argparse.Namespace) -> int:
     """Writes a vlm model as a transformers checkpoint (config, safetensors, tokenizer, processor)."""
     source = Path(args.model)
     model = from_pretrained(source)
     fmt, out = export_transformers(model, load_tokenizer(source), args.out)
     print(f"wrote {out}: {fmt.architectures[0]}, loads with transformers' AutoModelForImageTextToText")
-    return 0
+    if not args.check:
+        return 0
+    difference = check_export(model, fmt, out)
+    ok = difference <= CHECK_TOLERANCE
+    print(
+        f"check: transformers' logits are {difference:.2e} from vlm's at most on a probe batch (float32): "
+        + ("ok" if ok else f"over {CHECK_TOLERANCE:g}, the export is wrong; please report it")
+    )
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,11 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     save.set_defaults(func=_save)
 
     export = add_subcommand(
-        commands, "export", help="write a vlm model as a transformers checkpoint (LLaVA) it runs in"
+        commands,
+        "export",
+        help="write a vlm model as a transformers checkpoint (LLaVA, BLIP-2 or IDEFICS) it runs in",
     )
     export.add_argument("--model", required=True, help="a vlm model directory, with its tokenizer")
     export.add_argument("--to", default="transformers", choices=["transformers"], help="the target")
     export.add_argument("--out", required=True, help="where to write the checkpoint")
+    export.add_argument(
+        "--check",
+        action="store_true",
+        help="then load it with transformers and compare its logits with vlm's on a probe batch",
+    )
     export.set_defaults(func=_export)
 
     for package in PACKAGES:

@@ -13,7 +13,15 @@ from vlm.convert import llava, blip2, idefics  # noqa: F401  (registration)
 
 # isort: on
 from vlm.convert.reference import IMAGE_TOKEN, IMAGE_TOKEN_ID, Size, placeholder_tokenizer
-from vlm.convert.registry import CONVERTERS, FORMATS, Format, export_transformers, register_format, supported
+from vlm.convert.registry import (
+    CONVERTERS,
+    FORMATS,
+    Format,
+    check_export,
+    export_transformers,
+    register_format,
+    supported,
+)
 
 __all__ = [
     "CONVERTERS",
@@ -22,6 +30,7 @@ __all__ = [
     "IMAGE_TOKEN_ID",
     "Format",
     "Size",
+    "check_export",
     "export_transformers",
     "placeholder_tokenizer",
     "register_format",

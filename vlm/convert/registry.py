@@ -7,6 +7,7 @@ the tests and benchmarks need to build and feed transformers' own model of it (`
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,3 +133,25 @@ def export_transformers(model: Any, tokenizer: Any, out: str | Path) -> tuple[Fo
     hf_model.save_pretrained(out)
     processor.save_pretrained(out)
     return fmt, out
+
+
+@torch.no_grad()
+def check_export(model: Any, fmt: Format, out: str | Path, *, seed: int = 0) -> float:
+    """The largest difference between the logits transformers' model loaded from ``out`` gives
+    and ``model``'s, both in float32, on a probe batch: two rows of random text around one image
+    each, random pixels."""
+    import transformers  # noqa: PLC0415  (a check after an export only)
+
+    model = copy.deepcopy(model).float().eval()
+    hf = getattr(transformers, fmt.architectures[0]).from_pretrained(out, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    vocab, image = model.decoder.lm.config.get_text_config().vocab_size, model.image_token_id
+    text = torch.randint(0, vocab - 1, (2, 8), generator=g)
+    text = text + (text >= image).long()  # never the placeholder itself
+    placeholders = torch.full((2, model.tokens_per_image), image)
+    ids = torch.cat([text[:, :2], placeholders, text[:, 2:]], dim=1)
+    size = model.encoder.image_size
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, size, size, generator=g)}
+    ours = model(**inputs).logits
+    theirs = hf(**fmt.hf_inputs(inputs, image)).logits
+    return (ours - theirs).abs().max().item()
