@@ -51,6 +51,37 @@ GPT2 = {
     "vocab_size": VOCAB,
 }
 
+# Two more open_clip towers, beside tiny.TINY_CLIP (GELU): OpenAI's QuickGELU, and a ResNet.
+TINY_QUICKGELU, TINY_RESNET = "vlm-tiny-ViT-quickgelu", "vlm-tiny-RN"
+_TEXT = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
+OPEN_CLIP_CONFIGS = {
+    TINY_QUICKGELU: {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": _TEXT,
+    },
+    TINY_RESNET: {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+        "text_cfg": _TEXT,
+    },
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _open_clip_towers(tmp_path_factory):
+    import json
+
+    import open_clip
+
+    directory = tmp_path_factory.mktemp("open_clip_towers")
+    for name, config in OPEN_CLIP_CONFIGS.items():
+        if name not in open_clip.list_models():
+            (directory / f"{name}.json").write_text(json.dumps(config))
+            open_clip.add_model_config(directory / f"{name}.json")
+
+
 # Options that differ from the defaults: which layer, the class token, the activation, the norm
 # statistics, biases, the decoder family.
 KINDS = {
@@ -74,6 +105,11 @@ KINDS = {
         CLIPConfig(model=tiny.TINY_CLIP, feature_layer=-2, keep_class_token=True),
         ProjectorConfig(name="mlp2x_gelu"),
         GPT2,
+    ),
+    "linear, llama, open_clip quick_gelu tower, last layer": (
+        CLIPConfig(model=TINY_QUICKGELU, feature_layer=-1),
+        ProjectorConfig(name="linear", bias=False),
+        LLAMA,
     ),
     "qformer, opt": (
         dict(EVA, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)),
@@ -201,7 +237,12 @@ def test_the_export_loads_back_into_vlm_bit_for_bit(exported):
     ours, theirs = model.state_dict(), back.state_dict()
     if model.config.encoder.name == "clip":  # it comes back as vlm's ViT, of the same shape
         encoder = back.config.encoder
-        assert (encoder.name, encoder.feature_layer, encoder.keep_class_token) == ("vit", -2, True)
+        exported = model.config.encoder
+        assert (encoder.name, encoder.feature_layer, encoder.keep_class_token) == (
+            "vit",
+            exported.feature_layer,
+            exported.keep_class_token,
+        )
         assert (encoder.mean, encoder.std) == (model.encoder.mean, model.encoder.std)
         ours = _as_vit(ours)
     else:
@@ -222,6 +263,7 @@ def test_the_export_loads_back_into_vlm_bit_for_bit(exported):
         (dict(final_norm=True), ProjectorConfig(), "encoder.final_norm=true"),
         (dict(), ProjectorConfig(merge=2), "bridge.merge=2"),
         (CLIPConfig(model=tiny.TINY_CLIP, final_norm=True), ProjectorConfig(), "encoder.final_norm=true"),
+        (CLIPConfig(model=TINY_RESNET, feature_layer=-1), ProjectorConfig(), "'vlm-tiny-RN' \\(not a ViT\\)"),
     ],
 )
 def test_options_without_a_transformers_counterpart_are_refused_by_name(encoder, bridge, match, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vlm.convert.common import KeyMap, image_stats, refuse
-from vlm.encoders.vit import QuickGELU, ViTConfig
+from vlm.encoders.vit import ViTConfig
 from vlm.schema import ConfigError
 
 #: vlm's ViT activations by the names transformers' configs give them.
@@ -186,28 +186,31 @@ def open_clip_tower(encoder: nn.Module) -> CLIPTower:
     config, tower = encoder.config, encoder.tower
     vit = isinstance(tower, open_clip.transformer.VisionTransformer)
     blocks = list(tower.transformer.resblocks) if vit else []
-    first = blocks[0] if blocks else None
-    act = type(first.mlp.gelu) if first is not None else None
+    # The activation's name in transformers' configs (None: none there).
+    acts = {"GELU:none": "gelu", "GELU:tanh": "gelu_pytorch_tanh", "QuickGELU:": "quick_gelu"}
+    gelu = blocks[0].mlp.gelu if blocks else None
+    act = acts.get(f"{type(gelu).__name__}:{getattr(gelu, 'approximate', '')}")
     size = getattr(tower, "image_size", (0, 0))
     patch = getattr(tower, "patch_size", (0, 0))
+    model = f"encoder.model={config.model!r}"
     refuse(
         {
-            f"encoder.model={config.model!r} (not a ViT)": not vit,
+            f"{model} (not a ViT)": not vit,
             "encoder.final_norm=true": config.final_norm,
-            f"encoder.model={config.model!r} (layer scale, ls_init_value)": any(
-                not isinstance(b.ls_1, nn.Identity) for b in blocks
-            ),
-            f"encoder.model={config.model!r} (other attention blocks than CLIP's)": any(
+            f"{model} (layer scale, ls_init_value)": any(not isinstance(b.ls_1, nn.Identity) for b in blocks),
+            f"{model} (attention blocks other than CLIP's)": any(
                 not isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks
             ),
-            f"encoder.model={config.model!r} (no ln_pre)": vit and isinstance(tower.ln_pre, nn.Identity),
-            f"encoder.model={config.model!r} (activation {getattr(act, '__name__', act)})": vit
-            and act not in (nn.GELU, open_clip.transformer.QuickGELU, QuickGELU),
-            f"encoder.model={config.model!r} (non-square images or patches)": vit
-            and (size[0] != size[1] or patch[0] != patch[1]),
+            f"{model} (a norm inside the MLP, scale_fc)": any(
+                not isinstance(getattr(b.mlp, "ln", nn.Identity()), nn.Identity) for b in blocks
+            ),
+            f"{model} (no ln_pre)": vit and isinstance(tower.ln_pre, nn.Identity),
+            f"{model} (activation {type(gelu).__name__})": vit and act is None,
+            f"{model} (non-square images or patches)": vit and (size[0] != size[1] or patch[0] != patch[1]),
         },
         "transformers' CLIP vision tower",
     )
+    first = blocks[0]
     width = tower.class_embedding.shape[-1]
     # nn.MultiheadAttention names its fused projection ``in_proj_weight``; the map spells it as a module.
     state = {k.replace(".attn.in_proj_", ".attn.in_proj."): v for k, v in tower.state_dict().items()}
@@ -220,7 +223,7 @@ def open_clip_tower(encoder: nn.Module) -> CLIPTower:
             image_size=size[0],
             patch_size=patch[0],
             layer_norm_eps=first.ln_1.eps,
-            hidden_act="gelu" if act is nn.GELU else "quick_gelu",
+            hidden_act=act,
         ),
         state=open_clip_tower_map(len(blocks)).to_transformers(state),
         feature_layer=encoder.block - len(blocks),
