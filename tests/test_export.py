@@ -312,7 +312,9 @@ def test_the_demo_recipe_exports_once_its_patches_are_not_merged(merge, tmp_path
     from vlm.train.recipe import RECIPES, load_recipe
     from vlm.train.trainer import bind_tokenizer
 
-    recipe = load_recipe(RECIPES / "shapes.toml", [f"model.bridge.merge={merge}"])
+    # The README's command for a demo that exports (4-shot prompts of 36-token images need 256).
+    overrides = [f"model.bridge.merge={merge}", "model.processor.max_length=256", "data.pack_length=256"]
+    recipe = load_recipe(RECIPES / "shapes.toml", overrides)
     tokenizer = placeholder_tokenizer(VOCAB)
     model = build_model(bind_tokenizer(recipe.model_config(), tokenizer)).eval()
     if merge == 2:  # the demo as it is: refused, naming the option

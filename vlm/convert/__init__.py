@@ -1,10 +1,12 @@
-"""Converters from published checkpoint formats to vlm models.
+"""Converters from published checkpoint formats to vlm models, and exports back.
 
 A directory saved by transformers for one of the architectures below loads with
 ``vlm.from_pretrained(DIR)``: its weights are mapped into vlm's own encoder, bridge and decoder.
-Each format is a :class:`Format` (converter, transformers reference model, connector, input
-layout) registered once in :data:`FORMATS`; adding one is a module that calls
-``register_format(Format(...))`` plus its import here.
+``export_transformers`` (``vlm export``) writes a vlm model the other way. Each format is a
+:class:`Format` (converter, export, transformers reference model, connector, input layout)
+registered once in :data:`FORMATS`; adding one is a module that calls
+``register_format(Format(...))`` plus its import here. Each part's tensor names are one
+:class:`~vlm.convert.common.KeyMap`, read one way by the converter and the other by the export.
 """
 
 # The import order is the registration order: how benchmarks and tests list the formats.

@@ -198,8 +198,10 @@ def open_clip_tower(encoder: nn.Module) -> CLIPTower:
             f"{model} (not a ViT)": not vit,
             "encoder.final_norm=true": config.final_norm,
             f"{model} (layer scale, ls_init_value)": any(not isinstance(b.ls_1, nn.Identity) for b in blocks),
+            # CLIP's blocks: one fused q/k/v projection (the map splits it) and an output one.
             f"{model} (attention blocks other than CLIP's)": any(
-                not isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks
+                getattr(getattr(b, "attn", None), "in_proj_weight", None) is None or hasattr(b, "ln_attn")
+                for b in blocks
             ),
             f"{model} (a norm inside the MLP, scale_fc)": any(
                 not isinstance(getattr(b.mlp, "ln", nn.Identity()), nn.Identity) for b in blocks
