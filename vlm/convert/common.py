@@ -114,9 +114,6 @@ class KeyMap:
                     return [f"{p}.{kind}" for p in parts]
         return list(select({key: None}, {new: old for old, new in self.renames.items()})) or [key]
 
-    def __or__(self, other: KeyMap) -> KeyMap:
-        return KeyMap(self.renames | other.renames, self.fused + other.fused)
-
 
 def fuse(w: dict[str, Tensor], parts: tuple[str, ...], into: str, out: dict[str, Tensor]) -> None:
     """Concatenates the weights (and biases, when present) of separate projections taken from

@@ -160,7 +160,7 @@ def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
     return hf, transformers.LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=tower.patch_size,
+        patch_size=tower.config["patch_size"],
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's class token
         image_token=tokenizer.convert_ids_to_tokens(model.image_token_id),

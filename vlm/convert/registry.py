@@ -142,7 +142,10 @@ def check_export(model: Any, fmt: Format, out: str | Path, *, seed: int = 0) -> 
     each, random pixels."""
     import transformers  # noqa: PLC0415  (a check after an export only)
 
-    model = copy.deepcopy(model).float().eval()
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(
+            model
+        ).float()  # the caller's model keeps its dtype; a float32 one is not copied
     hf = getattr(transformers, fmt.architectures[0]).from_pretrained(out, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
     vocab, image = model.decoder.lm.config.get_text_config().vocab_size, model.image_token_id
@@ -152,6 +155,10 @@ def check_export(model: Any, fmt: Format, out: str | Path, *, seed: int = 0) -> 
     ids = torch.cat([text[:, :2], placeholders, text[:, 2:]], dim=1)
     size = model.encoder.image_size
     inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, size, size, generator=g)}
-    ours = model(**inputs).logits
+    training = model.training
+    try:
+        ours = model.eval()(**inputs).logits
+    finally:
+        model.train(training)
     theirs = hf(**fmt.hf_inputs(inputs, image)).logits
     return (ours - theirs).abs().max().item()

@@ -113,14 +113,12 @@ class CLIPTower:
         feature_layer: the hidden state vlm's features are, as transformers indexes
             ``hidden_states`` from the end (``-1``: the last block's output).
         keep_class_token: the features start with the class token.
-        patch_size: the side of a patch, in pixels.
     """
 
     config: dict[str, Any]
     state: dict[str, Tensor]
     feature_layer: int
     keep_class_token: bool
-    patch_size: int
 
 
 def vit_tower(encoder: nn.Module) -> CLIPTower:
@@ -141,7 +139,6 @@ def vit_tower(encoder: nn.Module) -> CLIPTower:
         state=clip_tower_map(config.depth).to_transformers(encoder.state_dict()),
         feature_layer=encoder.blocks_to_run - config.depth - 1,
         keep_class_token=config.keep_class_token,
-        patch_size=config.patch_size,
     )
 
 
@@ -230,7 +227,6 @@ def open_clip_tower(encoder: nn.Module) -> CLIPTower:
         state=open_clip_tower_map(len(blocks)).to_transformers(state),
         feature_layer=encoder.block - len(blocks),
         keep_class_token=config.keep_class_token,
-        patch_size=patch[0],
     )
 
 
