@@ -8,6 +8,7 @@ Unknown keys fail fast, naming the key.
 from __future__ import annotations
 
 import copy
+import json
 import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
@@ -196,3 +197,63 @@ def recipe_from_dict(tree: dict[str, Any], overrides: list[str] = (), source: st
     if recipe.run.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError("run.precision must be 'auto', 'bf16' or 'fp32'")
     return recipe
+
+
+#: The keys a resumed run may change: where it writes, what runs it, how often it saves and logs,
+#: when it stops, not which batches it sees or what a step computes. ``run.max_steps`` may change
+#: too, down to the checkpoint's step (the learning-rate schedule then ends at the new value):
+#: raising it is how a run is extended. ``run.cache_features`` feeds the same samples in the same
+#: order, and ``data.val`` is not read in training. Every other key (the model, data.train,
+#: tasks, packing, shuffle_buffer, num_workers, optim.*, batch_size, grad_accum, seed, precision,
+#: init_from, ...) decides the batches or the steps, and must equal the run's ``recipe.json``.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "run.out",
+        "run.max_steps",
+        "run.save_every",
+        "run.keep_last",
+        "run.log_every",
+        "run.max_bad_steps",
+        "run.device",
+        "run.compile",
+        "run.gradient_checkpointing",
+        "run.cache_features",
+        "data.val",
+        "data.max_bad_fraction",
+    }
+)
+
+#: The value of a key one recipe has and the other lacks.
+ABSENT = "(not set)"
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}`` (lists stay values)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _settings(tree: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict's settings with every default filled in, as JSON reads them back (tuples as
+    lists), one dotted key each: a key written out at its default equals one left out."""
+    try:
+        recipe = recipe_from_dict(tree)
+        tree = {**recipe.to_dict(), "model": recipe.model_config().to_dict()}
+    except ConfigError:  # written by an older vlm: compared as written
+        pass
+    return _flat(json.loads(json.dumps(tree)))
+
+
+def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> dict[str, tuple[Any, Any]]:
+    """The settings ``recipe`` changes from a run's saved ``recipe.json``: ``{key: (old, new)}``."""
+    old, new = _settings(saved), _settings(recipe.to_dict())
+    return {
+        key: (old.get(key, ABSENT), new.get(key, ABSENT))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, ABSENT) != new.get(key, ABSENT)
+    }

@@ -29,12 +29,19 @@ from vlm.data.transforms import encoder_transform
 from vlm.model import IGNORE_INDEX, VisionLanguageModel, build_model
 from vlm.processor import IMAGE_TOKEN, Processor
 from vlm.schema import ConfigError
-from vlm.train.checkpoint import checkpoints, gather_model_state, is_sharded, load_checkpoint, save_checkpoint
+from vlm.train.checkpoint import (
+    PREFIX,
+    checkpoints,
+    gather_model_state,
+    is_sharded,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vlm.train.distributed import Dist, all_reduce_sum, cleanup, init_distributed, wrap_model
 from vlm.train.feature_cache import build_feature_cache
-from vlm.train.logs import RunLog, plot_loss
+from vlm.train.logs import LOG_FILE, RunLog, plot_loss
 from vlm.train.optim import make_optimizer, make_scheduler
-from vlm.train.recipe import Recipe
+from vlm.train.recipe import RESUMABLE_CHANGES, Recipe, recipe_changes
 from vlm.weights import bridge_only_problems, load_tokenizer, load_weights, save_pretrained
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,13 @@ MODEL_INPUTS = (
     "segment_ids",
     "sample_ids",
 )
+
+
+#: What a run writes into its directory besides its checkpoints. The feature cache is not a
+#: run's: the next run in the directory reuses it when the encoder and shards are the same.
+RECIPE_FILE = "recipe.json"
+RUN_FILES = (RECIPE_FILE, LOG_FILE, "tensorboard", "model", "loss.png", "summary.json")
+PREVIOUS = "previous-"
 
 
 class TrainingError(RuntimeError):
@@ -163,6 +177,69 @@ def make_train_loader(
     )
 
 
+def set_aside_earlier_run(out: Path) -> Path | None:
+    """Moves the run in ``out`` (checkpoints, model, logs, recipe) to ``out/previous-N``, N one
+    past the last such folder, and says so; returns that folder, or None when ``out`` holds no run.
+
+    A new run in a directory must not leave another run's checkpoints where pruning deletes its
+    own (they sort by step) and ``--resume`` picks the other run's last one. Down there, neither
+    does: they look at ``out/ckpt-*`` only. ``--out out/previous-N --resume`` continues that run.
+    """
+    found = checkpoints(out)
+    # Checkpoints first, newest first (with any a kill left half written or half deleted).
+    earlier = sorted((p for p in out.glob(f"{PREFIX}*") if p.is_dir()), reverse=True)
+    earlier += [out / name for name in RUN_FILES if (out / name).exists()]
+    if not earlier:
+        return None
+    numbers = [p.name.removeprefix(PREVIOUS) for p in out.glob(f"{PREVIOUS}*")]
+    aside = out / f"{PREVIOUS}{max((int(n) for n in numbers if n.isdigit()), default=0) + 1}"
+    aside.mkdir()
+    for path in earlier:
+        path.rename(aside / path.name)
+    last = f"last checkpoint {found[-1].name}" if found else "no checkpoint"
+    log.warning(
+        "%s holds an earlier run (%s): moved it to %s to start a new one; continue that one with "
+        "--out %s --resume",
+        out,
+        last,
+        aside,
+        aside,
+    )
+    return aside
+
+
+def check_resumable(out: Path, recipe: Recipe, step: int) -> None:
+    """Refuses to resume the run in ``out`` (at checkpoint ``step``) with settings that change
+    its batches or steps (``RESUMABLE_CHANGES`` lists those that may differ), naming each key
+    with the run's value and the new one."""
+    saved = out / RECIPE_FILE
+    if not saved.is_file():
+        log.warning("%s has no %s: --resume cannot check that the settings are the run's", out, RECIPE_FILE)
+        return
+    changes = recipe_changes(json.loads(saved.read_text()), recipe)
+    refused = [
+        f"{key}: {old!r} in the run, {new!r} now"
+        for key, (old, new) in changes.items()
+        if key not in RESUMABLE_CHANGES
+    ]
+    old_steps, max_steps = changes.get("run.max_steps", (None, None))
+    if max_steps is not None and max_steps < step:
+        refused.append(f"run.max_steps: {old_steps!r} in the run, {max_steps!r} now, below its step {step}")
+    if refused:
+        raise ConfigError(
+            f"--resume would continue the run in {out} (step {step}) with settings other than its "
+            f"own: {'; '.join(refused)}. Resume with the run's settings (in {saved}), or train "
+            "without --resume to start a new run (the earlier one is moved aside)"
+        )
+    if max_steps is not None:
+        log.warning(
+            "run.max_steps is %s, the run's was %s: the learning-rate schedule now ends at step %s",
+            max_steps,
+            old_steps,
+            max_steps,
+        )
+
+
 def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Runs a recipe; returns a summary (final loss, steps, seconds, where the model is)."""
     env = init_distributed(recipe.run.device)
@@ -183,6 +260,13 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
             f"run.batch_size={run.batch_size} must be a multiple of world size x grad_accum = {per_step}"
         )
     micro_batch = run.batch_size // per_step
+    # Before anything is written to out (the feature cache): a resumed run must be the one its
+    # checkpoints come from, and a new one starts in a directory without another's.
+    found = checkpoints(out) if resume else []
+    if found:
+        check_resumable(out, recipe, step=int(found[-1].name.removeprefix(PREFIX)))
+    elif env.is_main and not resume and out.is_dir():  # the other ranks never read out's checkpoints
+        set_aside_earlier_run(out)
     prepare_data(recipe, env)
     tokenizer = recipe_tokenizer(recipe.data.tokenizer)
     model = build_training_model(recipe, tokenizer).to(env.device)
@@ -206,17 +290,14 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     state = {"step": 0, "epoch": 0, "position": 0, "skipped_steps": 0}
-    found = checkpoints(out) if resume else []
     if found:
         state.update(load_checkpoint(found[-1], model=model, optimizer=optimizer, scheduler=scheduler))
         if env.is_main:
             print(f"resuming from {found[-1]} (step {state['step']})")
-    elif env.is_main and out.exists() and checkpoints(out) and not resume:
-        log.warning("%s holds checkpoints of an earlier run; they will be overwritten (use --resume)", out)
 
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        (out / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     run_log = RunLog(out, enabled=env.is_main, resume_step=state["step"] if found else None)
     loader = make_train_loader(recipe, model, processor, env, micro_batch, shards)
     stream = EpochStream(loader, epoch=state["epoch"], position=state["position"])
