@@ -1,17 +1,23 @@
-"""What ``vlm data ...`` runs: check shards, write shards, make the shapes dataset."""
+"""What ``vlm data ...`` runs: check shards, write shards, make the shapes dataset (the parsers
+are in ``vlm.data.cli``; the ``*_command`` functions take their arguments)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from vlm.data.importers import from_karpathy, from_llava, from_mmc4, from_obelics, from_vqav2
+from vlm.data.loader import TASKS, task_examples
 from vlm.data.pipeline import ImageTextShards
+from vlm.data.shapes import write_shapes
 from vlm.data.writers import Drop, from_coco_captions, from_image_folder, from_vqa, write_shards
 
 
@@ -19,28 +25,27 @@ def check(shards: list[str], *, as_json: bool = False, max_pixels: int | None = 
     """Reads shards through the training decoder and reports what a run would get.
 
     Returns (and prints) ``{"ok": samples yielded, "skipped": {reason: n}, "converted":
-    {mode: n}, "shards": n, "tasks": {...}}``.
+    {mode: n}, "shards": n, "tasks": {task: examples}}``: the examples training draws for each
+    of its tasks (``caption``, ``vqa``, ``chat``, ``document``; ``data.tasks``).
     """
     options = {"max_pixels": max_pixels} if max_pixels else {}
     dataset = ImageTextShards(shards, shuffle_shards=False, shuffle_buffer=0, rank=0, world_size=1, **options)
-    kinds: Counter = Counter()
+    tasks: Counter = Counter(dict.fromkeys(TASKS, 0))
     for sample in tqdm(dataset, desc="check", unit="sample", disable=as_json):
-        text = sample["text"]
-        kinds["captions"] += bool(text.get("caption") or text.get("captions"))
-        kinds["questions"] += len(text.get("qa", [])) + ("question" in text)
+        tasks.update(example["task"] for example in task_examples(sample["text"]))
     stats = dataset.stats
     report = {
         "ok": stats.ok,
         "skipped": dict(stats.skipped),
         "converted": dict(stats.converted),
         "shards": len(dataset.urls),
-        "tasks": dict(kinds),
+        "tasks": dict(tasks),
     }
     if as_json:
         print(json.dumps(report))
     else:
         print(f"{len(dataset.urls)} shard(s): {stats.summary()}")
-        print(f"samples with captions: {kinds['captions']}; questions: {kinds['questions']}")
+        print("examples per task: " + ", ".join(f"{task} {n}" for task, n in tasks.items()))
     return report
 
 
@@ -139,3 +144,58 @@ def write(
         },
         "shards": summary.shards,
     }
+
+
+# --- the commands' handlers (``args`` from ``vlm.data.cli``) ---------------------------------
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """Exit code 0 when every sample was read, 1 when some were skipped, 2 when none was."""
+    report = check(args.shards, as_json=args.json, max_pixels=args.max_pixels)
+    skipped = sum(report["skipped"].values())
+    return 2 if not report["ok"] else 1 if skipped else 0
+
+
+def write_command(args: argparse.Namespace) -> int:
+    """Exit code 0 when everything was written, 1 when something was skipped (a record, or a
+    question or image of one), 2 when nothing was written."""
+    result = write(
+        out=args.out,
+        images=args.images,
+        prefix=args.prefix,
+        samples_per_shard=args.samples_per_shard,
+        num_shards=args.num_shards,
+        splits=args.splits,
+        url_map=args.url_map,
+        **{name: getattr(args, name) for name in SOURCES},
+    )
+    skipped = sum(result["skipped"].values()) + sum(
+        sum(p["skipped"].values()) for p in result["parts"].values()
+    )
+    return 2 if not result["written"] else 1 if skipped else 0
+
+
+def shapes_command(args: argparse.Namespace) -> int:
+    """Writes the shapes dataset, or says that ``--out`` holds it already (same arguments)."""
+    manifest_path = Path(args.out) / "shapes.json"
+    before = _identity(manifest_path)
+    manifest = write_shapes(
+        args.out, seed=args.seed, train=args.train, val=args.val, test=args.test, image_size=args.image_size
+    )
+    if before is not None and _identity(manifest_path) == before:  # write_shapes kept it
+        print(
+            f"vlm data shapes: {args.out} already holds this dataset (same arguments): skipping, "
+            "nothing written; delete it, or give other arguments, to write it again",
+            file=sys.stderr,
+        )
+    print(json.dumps({k: manifest[k] for k in ("counts", "held_out") if k in manifest}))
+    return 0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file's inode and modification time: unchanged when nobody rewrote it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns

@@ -1,46 +1,32 @@
-"""The ``vlm`` command line: the one module above every package.
-
-Each package contributes its own subcommands (``vlm.data.cli``, ``vlm.train.cli``,
-``vlm.eval.cli``); the commands that span packages (``demo``) or need only the model core
-(``save``, ``export``) live here.
-"""
+"""What ``vlm demo | save | export`` run (their parsers are in ``vlm.cli``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 from vlm.convert import check_export, export_transformers
-from vlm.data import cli as data_cli
 from vlm.data.shapes import FOLLOW_UPS, combination
-from vlm.eval import cli as eval_cli
 from vlm.eval.conversation import conversation_accuracy
 from vlm.eval.evaluate import evaluate
 from vlm.eval.fewshot import fewshot_accuracy
 from vlm.eval.gallery import write_gallery
 from vlm.eval.predict import Predictor
 from vlm.hub import from_pretrained
-from vlm.schema import ConfigError
-from vlm.subcommand import add_subcommand
-from vlm.train import cli as train_cli
 from vlm.train.recipe import RECIPES, load_recipe
 from vlm.train.trainer import train
 from vlm.weights import load_tokenizer, save_pretrained
 
-#: The packages' subcommands, in the order ``vlm --help`` lists them after demo and save.
-PACKAGES = (eval_cli, train_cli, data_cli)
 
-
-def _demo(args: argparse.Namespace) -> int:
+def demo_command(args: argparse.Namespace) -> int:
     """Shapes data -> the shapes recipe -> evaluation on the held-out test splits: captions and
     VQA, multi-turn conversations, and few-shot documents at 0, 1, 2 and 4 shots."""
     out = Path(args.out)
-    recipe = load_recipe(args.recipe, [f"run.out={json.dumps(str(out / 'train'))}", *args.set])
-    print(f"vlm demo: shapes data in {recipe.data.shapes}, recipe {args.recipe}, run in {out}")
+    recipe_path = args.recipe or RECIPES / "shapes.toml"
+    recipe = load_recipe(recipe_path, [f"run.out={json.dumps(str(out / 'train'))}", *args.set])
+    print(f"vlm demo: shapes data in {recipe.data.shapes}, recipe {recipe_path}, run in {out}")
     summary = train(recipe)
 
     data = Path(recipe.data.shapes)
@@ -129,7 +115,7 @@ def _gallery_items(chat_records: list[dict], fewshot_records: list[dict]) -> lis
     return items
 
 
-def _save(args: argparse.Namespace) -> int:
+def save_command(args: argparse.Namespace) -> int:
     """Loads a model (a vlm directory, or a transformers LLaVA / BLIP-2 / IDEFICS one, converted)
     and writes it in vlm's format, with the tokenizer when the source has one."""
     source = Path(args.model)
@@ -144,7 +130,7 @@ def _save(args: argparse.Namespace) -> int:
 CHECK_TOLERANCE = 1e-3
 
 
-def _export(args: argparse.Namespace) -> int:
+def export_command(args: argparse.Namespace) -> int:
     """Writes a vlm model as a transformers checkpoint (config, safetensors, tokenizer, processor)."""
     source = Path(args.model)
     model = from_pretrained(source)
@@ -159,66 +145,3 @@ def _export(args: argparse.Namespace) -> int:
         + ("ok" if ok else f"over {CHECK_TOLERANCE:g}, the export is wrong; please report it")
     )
     return 0 if ok else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm", description="Vision-language models: train, caption, ask.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = add_subcommand(commands, "demo", help="make the shapes data, train the default model, evaluate it")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--recipe", default=str(RECIPES / "shapes.toml"), help="default: shapes.toml")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    demo.set_defaults(func=_demo)
-
-    save = add_subcommand(
-        commands, "save", help="write a model (vlm, or transformers LLaVA / BLIP-2 / IDEFICS) in vlm's format"
-    )
-    save.add_argument("--model", required=True, help="a model directory")
-    save.add_argument("--out", required=True, help="where to write the vlm model")
-    save.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="cast the weights (default: keep the checkpoint's dtype)",
-    )
-    save.set_defaults(func=_save)
-
-    export = add_subcommand(
-        commands,
-        "export",
-        help="write a vlm model as a transformers checkpoint (LLaVA, BLIP-2 or IDEFICS) it runs in",
-    )
-    export.add_argument("--model", required=True, help="a vlm model directory, with its tokenizer")
-    export.add_argument("--to", default="transformers", choices=["transformers"], help="the target")
-    export.add_argument("--out", required=True, help="where to write the checkpoint")
-    export.add_argument(
-        "--check",
-        action="store_true",
-        help="then load it with transformers and compare its logits with vlm's on a probe batch",
-    )
-    export.set_defaults(func=_export)
-
-    for package in PACKAGES:
-        package.add_commands(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs one command. Exit codes: 0 done; 1 done, but some inputs were skipped (or a training
-    run stopped); 2 nothing could be read, or the arguments, files or configuration are wrong;
-    130 interrupted."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, OSError, ValueError) as err:  # InputError, CheckpointError: ValueErrors
-        if args.debug or os.environ.get("VLM_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"vlm {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"vlm {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
