@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 #: Default decompression-bomb limit, in pixels (Pillow's own default is about 89 M).
 MAX_PIXELS = 64_000_000
@@ -86,6 +86,15 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), mode  # L, 1, CMYK, YCbCr, LAB, HSV, F
 
 
+def upright_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """What :func:`decode_image` makes of an opened image: its EXIF orientation applied, then
+    :func:`to_rgb`. The one conversion for images from files, URLs and Python callers alike
+    (``Predictor`` takes PIL images in any mode)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
 def decode_image(
     data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
 ) -> tuple[Image.Image, str | None]:
@@ -131,8 +140,7 @@ def _decode(data: bytes, max_pixels: int, draft_size: int | None = None) -> tupl
         # Both sides at least draft_size: the short side, whatever the EXIF orientation.
         image.draft(None, (draft_size, draft_size))
     image.load()  # a cut body shows only when the pixels are read
-    image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    return upright_rgb(image)
 
 
 def _broken_reason(err: Exception) -> str:

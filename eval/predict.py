@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlm.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeStats, decode_image
+from vlm.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeStats, decode_image, upright_rgb
 from vlm.data.pipeline import ImageTextShards
 from vlm.data.transforms import encoder_transform
 from vlm.generate import GenerationConfig, generate
@@ -202,6 +202,12 @@ class Predictor:
             pixels += images
         return self._generate(prompts, pixels)
 
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The encoder's input ``(N, 3, H, W)`` for PIL images in any mode, each converted as the
+        CLI and the server convert files (``upright_rgb``: EXIF orientation, transparency on
+        white, palettes looked up), then resized and normalised as the model was trained."""
+        return torch.stack([self.transform(upright_rgb(image)[0]) for image in images])
+
     def _generate(self, prompts: list[list[int]], images: list[Image.Image], streamer=None) -> list[str]:
         too_long = max(len(p) for p in prompts)
         if too_long > self.processor.max_length:
@@ -209,12 +215,11 @@ class Predictor:
                 f"a prompt of {too_long} tokens is longer than max_length={self.processor.max_length}"
             )
         batch = self.processor.pad([{"input_ids": p} for p in prompts], side="left")
-        pixels = torch.stack([self.transform(image) for image in images]).to(self.device) if images else None
         new = generate(
             self.model,
             batch["input_ids"].to(self.device),
             batch["attention_mask"].to(self.device),
-            pixels,
+            self.pixel_values(images).to(self.device) if images else None,
             self.generation,
             streamer=streamer,
         )
@@ -259,7 +264,7 @@ def conversation_inputs(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[s
 def _part_image(part: dict[str, Any], message: int) -> Image.Image:
     image = part.get("image", part.get("path"))
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return image  # converted with every other image (Predictor.pixel_values)
     if isinstance(image, (str, Path)):
         return load_image(image)
     raise InputError(f"message {message}: an image part needs 'image' (a PIL image or a path)")

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from saved import save_tiny_model
 
-from vlm.eval.predict import InputError, Predictor
+from vlm.eval import predict
+from vlm.eval.predict import InputError, Predictor, load_image
 from vlm.generate import generate
 
 
@@ -57,6 +58,46 @@ def test_chat_prompts_the_history_with_its_images_in_place(predictor):
     )
     assert reply == predictor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
     assert reply != predictor.chat([ask("what color is it?", red())])  # the history matters
+
+
+GREEN, SQUARE = (20, 180, 40), (8, 8, 32, 32)
+
+
+def green_square(mode: str) -> Image.Image:
+    """A green square on white, as RGB, as RGBA (the white is transparent black) or as a palette
+    image (index 0 white, 1 green: read as raw indices, it is a black image)."""
+    if mode == "RGBA":
+        image = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+        image.paste((*GREEN, 255), SQUARE)
+        return image
+    if mode == "P":
+        image = Image.new("P", (40, 40), 0)
+        image.putpalette([255, 255, 255, *GREEN])
+        image.paste(1, SQUARE)
+        return image
+    image = Image.new("RGB", (40, 40), (255, 255, 255))
+    image.paste(GREEN, SQUARE)
+    return image
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_the_predictor_reads_any_image_mode_as_the_cli_does(predictor, monkeypatch, tmp_path, mode):
+    rgb, image = green_square("RGB"), green_square(mode)
+    image.save(tmp_path / "square.png")
+    assert list(load_image(tmp_path / "square.png").getdata()) == list(rgb.getdata())  # the CLI's reading
+    if mode == "P":  # read naively, the palette image is another picture
+        assert not torch.equal(predictor.transform(image), predictor.transform(rgb))
+    seen = []
+
+    def spy(model, input_ids, attention_mask, pixel_values, *args, **kwargs):
+        seen.append(pixel_values)
+        return generate(model, input_ids, attention_mask, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "generate", spy)
+    answers = [predictor.predict([x], "vqa", ["what color is it?"])[0] for x in (rgb, image)]
+    replies = [predictor.chat([ask("what color is it?", x)]) for x in (rgb, image)]
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3])
+    assert answers[0] == answers[1] and replies[0] == replies[1]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ generation see the very same tokens for the same history. ``EOS`` stands for the
 end-of-sequence token, whatever its spelling.
 
 - ``chat_template``: the tokenizer's own Jinja template, rendered once per assistant turn to
-  find where each turn starts and ends;
+  find where each turn starts and ends (:func:`render_chat`: a template that reads each
+  message's content as a list of parts, as transformers' processor templates do, gets one);
 - ``plain``: LLaVA's stage 1: each user turn is only its images, each assistant turn its text
   and ``EOS`` (a caption right after the image);
 - ``vicuna_v1``: LLaVA-1.5's stage 2: ``SYSTEM USER: ... ASSISTANT: ...</s>USER: ...``.
@@ -14,7 +15,9 @@ end-of-sequence token, whatever its spelling.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vlm.schema import ConfigError
@@ -56,6 +59,101 @@ def _vicuna_v1(
     return pieces
 
 
+@dataclass(frozen=True)
+class TemplateStyle:
+    """How a tokenizer's chat template reads messages (:func:`template_style`).
+
+    Attributes:
+        parts: it reads each content as a list of parts (``{"type": "image"}``, ``{"type":
+            "text", "text": ...}``), as transformers' processor templates do (llava-hf's), and
+            renders the image marker itself; otherwise it reads strings.
+        prefix: what each render starts with: for a parts template, the tokenizer's BOS when the
+            tokenizer adds one to a text (Llama's, llava-hf's) and the template does not write it,
+            since transformers' processors tokenize such renders with the special tokens; ``""``
+            for a template over strings (vlm tokenizes those as transformers' tokenizers do, with
+            none).
+    """
+
+    parts: bool
+    prefix: str = ""
+
+
+_PROBE = "vlm probe text"  # a user message's text, looked for in a probe render
+_STYLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, token, style)
+
+
+def _probe(tokenizer, content: str | list[dict[str, str]]) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # noqa: BLE001 - a template may raise anything on content it does not read
+        return ""
+
+
+def _find_style(tokenizer, image_token: str) -> TemplateStyle:
+    if _PROBE in _probe(tokenizer, _PROBE):
+        return TemplateStyle(parts=False)  # strings, as vlm's own data holds them
+    if _PROBE not in _probe(tokenizer, [{"type": "text", "text": _PROBE}]):
+        return TemplateStyle(parts=False)  # neither: rendered as before, the template's errors its own
+    with_image = _probe(tokenizer, [{"type": "image"}, {"type": "text", "text": _PROBE}])
+    if with_image.count(image_token) != 1:
+        raise ConfigError(
+            f"the tokenizer's chat template renders an image part as {with_image!r}, not with the "
+            f"{image_token!r} token the model's image placeholders expand from; give the tokenizer a "
+            "template that renders it, or set processor.chat = false and processor.conversation = "
+            "'vicuna_v1'"
+        )
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [
+        tokenizer.bos_token_id
+    ]
+    return TemplateStyle(parts=True, prefix=bos if adds_bos else "")
+
+
+def template_style(tokenizer, image_token: str) -> TemplateStyle:
+    """Whether the tokenizer's chat template reads string contents or lists of parts, found by
+    rendering a probe message both ways (strings first: a template that reads both keeps
+    vlm's strings), once per tokenizer and template."""
+    template = tokenizer.chat_template
+    cached = _STYLES.get(tokenizer)
+    if cached is None or cached[0] is not template or cached[1] != image_token:
+        cached = _STYLES[tokenizer] = (template, image_token, _find_style(tokenizer, image_token))
+    return cached[2]
+
+
+def content_parts(content: str, image_token: str) -> list[dict[str, str]]:
+    """A string content as a list of parts: each ``image_token`` an image part where it stands
+    (with the newline after it, which the template writes itself), the text between as text parts."""
+    parts: list[dict[str, str]] = []
+    for k, chunk in enumerate(content.split(image_token)):
+        if k:
+            parts.append({"type": "image"})
+            chunk = chunk.removeprefix("\n")
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+def render_chat(
+    messages: Sequence[Message], image_token: str, *, add_generation_prompt: bool, tokenizer
+) -> str:
+    """The tokenizer's chat template over vlm's messages (string contents, ``image_token`` where
+    each image goes). A template that reads lists of parts gets each content as
+    :func:`content_parts`, and the render begins as transformers' processor tokenizes it
+    (:class:`TemplateStyle`); a template that reads strings gets them as they are."""
+    style = template_style(tokenizer, image_token)
+    if style.parts:
+        messages = [
+            {**m, "content": content_parts(m["content"], image_token)} if isinstance(m["content"], str) else m
+            for m in messages
+        ]
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return text if text.startswith(style.prefix) else style.prefix + text
+
+
 def chat_template_pieces(
     messages: Sequence[Message], image_token: str, *, add_generation_prompt: bool, tokenizer
 ) -> list[Piece]:
@@ -67,8 +165,8 @@ def chat_template_pieces(
     def render(upto: int, generation: bool) -> str:
         if upto == 0:
             return ""
-        return tokenizer.apply_chat_template(
-            messages[:upto], tokenize=False, add_generation_prompt=generation
+        return render_chat(
+            messages[:upto], image_token, add_generation_prompt=generation, tokenizer=tokenizer
         )
 
     pieces: list[Piece] = []

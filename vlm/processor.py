@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from vlm.config import ProcessorConfig
-from vlm.conversation import EOS, Piece, chat_template_pieces, conversation_template
+from vlm.conversation import EOS, Piece, chat_template_pieces, conversation_template, render_chat
 from vlm.model import IGNORE_INDEX
 from vlm.schema import ConfigError
 
@@ -80,7 +80,9 @@ class Processor:
         text = self.task_text(task, question=question, num_images=num_images)
         if self.chat:
             messages = [{"role": "user", "content": text}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = render_chat(
+                messages, self.image_token, add_generation_prompt=True, tokenizer=self.tokenizer
+            )
         return text
 
     def _ids(self, text: str, *, special: bool) -> list[int]:

@@ -83,7 +83,7 @@ class Service:
                 param="messages" if asked is None else "max_tokens",
                 code="context_length_exceeded",
             )
-        pixels = torch.stack([self.predictor.transform(image) for image in images]) if images else None
+        pixels = self.predictor.pixel_values(images) if images else None
         settings = Settings(
             max_new_tokens=budget,
             temperature=request.temperature,
