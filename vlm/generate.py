@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, StaticCache
 
@@ -196,14 +197,6 @@ def _eos(config: GenerationConfig, device) -> Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _pad_rows(rows: list[list[int]], pad: int, device) -> Tensor:
-    length = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), length), pad, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -285,52 +278,73 @@ def _sample(
 
 
 def _beam_search(model, input_ids, attention_mask, pixel_values, config: GenerationConfig) -> Tensor:
-    """Beam search that stops a prompt once it has ``num_beams`` finished hypotheses."""
-    K, B, device = config.num_beams, len(input_ids), input_ids.device
-    eos = set(_eos(config, device).tolist())
+    """Beam search as transformers' ``generate(num_beams=K)`` does it (``early_stopping=False``).
+
+    Each step ranks the continuations of a prompt's K live beams and keeps the ``2K`` best (more
+    with several EOS ids). Those among the K best that end in EOS (or reach ``max_new_tokens``)
+    compete for the prompt's K finished hypotheses, scored ``sum log p / length **
+    length_penalty``; an EOS candidate ranked below the K best is dropped, not counted. The K
+    best candidates that did not end become the live beams. A prompt is settled once it holds K
+    finished hypotheses and its best live beam, scored at its current length, cannot beat the
+    worst of them; the search stops when every prompt is settled.
+    """
+    K, B, device, limit = config.num_beams, len(input_ids), input_ids.device, config.max_new_tokens
+    if limit < 1:
+        return input_ids.new_zeros(B, 0)
+    eos = _eos(config, device)
+    width = max(2, 1 + len(eos)) * K  # enough candidates that K of them are still live
     steps = _Steps(model, input_ids, attention_mask, pixel_values, config)
     logits = steps.first()  # images are encoded once per prompt, then rows are repeated
     rows = torch.arange(B, device=device).repeat_interleave(K)
     steps.reorder(rows)
     logits = logits[rows]
-    scores = [[0.0] + [float("-inf")] * (K - 1) for _ in range(B)]  # identical beams: expand one
-    beams: list[list[int]] = [[] for _ in range(B * K)]
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    for step in range(config.max_new_tokens):
-        logprobs = logits.log_softmax(-1)  # (B*K, V)
+    never = -1.0e9  # a score nothing real reaches (finite: sums and ranks stay well defined)
+    live_scores = torch.full((B, K), never, device=device)
+    live_scores[:, 0] = 0.0  # the K beams start identical: expand one
+    live = input_ids.new_zeros(B, K, 0)  # (B, K, step): the live beams' tokens
+    done = input_ids.new_full((B, K, limit), config.pad_token_id)  # finished hypotheses, padded
+    done_scores = torch.full((B, K), never, device=device)
+    done_lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+    done_filled = torch.zeros(B, K, dtype=torch.bool, device=device)
+    searching = torch.ones(B, dtype=torch.bool, device=device)
+    in_top_k = torch.arange(width, device=device) < K
+    for step in range(limit):
+        length, last = step + 1, step == limit - 1
+        logprobs = logits.log_softmax(-1)
         vocab = logprobs.shape[-1]
-        flat_scores = torch.tensor(scores, device=device).view(-1, 1) + logprobs
-        top_scores, top = flat_scores.view(B, K * vocab).topk(2 * K, dim=-1)
-        chosen = []  # (score, source row, token) for every new row, K per prompt
-        for b in range(B):
-            kept = []
-            if len(finished[b]) < K:
-                for score, flat in zip(top_scores[b].tolist(), top[b].tolist()):
-                    row, token = b * K + flat // vocab, flat % vocab
-                    if score == float("-inf"):
-                        break
-                    if token in eos:
-                        hypothesis = beams[row] + [token]
-                        finished[b].append((score / len(hypothesis) ** config.length_penalty, hypothesis))
-                    else:
-                        kept.append((score, row, token))
-                    if len(kept) == K or len(finished[b]) >= K:
-                        break
-            kept += [(float("-inf"), b * K, config.pad_token_id)] * (K - len(kept))  # idle rows
-            chosen += kept
-        beams = [beams[row] + [token] for _, row, token in chosen]
-        scores = [[score for score, _, _ in chosen[b * K : (b + 1) * K]] for b in range(B)]
-        if all(len(f) >= K for f in finished) or step == config.max_new_tokens - 1:
+        totals = (logprobs.view(B, K, vocab) + live_scores[..., None]).view(B, K * vocab)
+        top_scores, top = totals.topk(width, dim=-1)  # (B, width), best first
+        source, token = top // vocab, top % vocab
+        candidates = torch.cat([_gather_beams(live, source), token[..., None]], dim=-1)
+        ends = torch.isin(token, eos) | last
+
+        # Finished hypotheses: the best K of those kept so far and this step's endings.
+        joining = ends & in_top_k & searching[:, None]
+        scores = (top_scores / length**config.length_penalty).masked_fill(~joining, never)
+        endings = F.pad(candidates, (0, limit - length), value=config.pad_token_id)
+        pool_scores = torch.cat([done_scores, scores], dim=1)
+        pool_filled = torch.cat([done_filled, joining], dim=1)
+        best = pool_scores.masked_fill(~pool_filled, 2 * never).topk(K, dim=-1).indices
+        done = _gather_beams(torch.cat([done, endings], dim=1), best)
+        lengths = torch.cat([done_lengths, torch.full_like(top, length)], dim=1)
+        done_lengths = lengths.gather(1, best)
+        done_scores, done_filled = pool_scores.gather(1, best), pool_filled.gather(1, best)
+
+        # Live beams: the best K candidates that did not end.
+        open_scores = top_scores.masked_fill(ends, never)
+        order = open_scores.topk(K, dim=-1).indices
+        live_scores, live = open_scores.gather(1, order), _gather_beams(candidates, order)
+        worst_done = done_scores.masked_fill(~done_filled, never).min(dim=1).values
+        can_improve = live_scores[:, 0] / length**config.length_penalty > worst_done
+        searching &= ~done_filled.all(dim=1) | can_improve
+        if last or not searching.any():
             break
-        steps.reorder(torch.tensor([row for _, row, _ in chosen], device=device))
-        logits = steps.next(torch.tensor([token for _, _, token in chosen], device=device))
-    results = []
-    for b in range(B):
-        pool = list(finished[b])
-        if len(pool) < K:  # out of length: the running beams compete as they are
-            for k in range(K):
-                if scores[b][k] > float("-inf"):
-                    tokens = beams[b * K + k]
-                    pool.append((scores[b][k] / len(tokens) ** config.length_penalty, tokens))
-        results.append(max(pool, key=lambda item: item[0])[1] if pool else [])
-    return _pad_rows(results, config.pad_token_id, device)
+        parents = source.gather(1, order) + torch.arange(B, device=device)[:, None] * K
+        steps.reorder(parents.flatten())
+        logits = steps.next(live[..., -1].flatten())
+    return done[:, 0, : int(done_lengths[:, 0].max())]  # each prompt's best finished hypothesis
+
+
+def _gather_beams(tokens: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` (B, N) of each prompt's ``tokens`` (B, M, L): ``(B, N, L)``."""
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
