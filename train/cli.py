@@ -28,5 +28,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any recipe key (repeatable)",
+        help="override any recipe key (repeatable): VALUE as TOML, checked against the "
+        "key's type; null unsets an optional key",
     )

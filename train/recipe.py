@@ -1,8 +1,9 @@
 """Training recipes: TOML files with four tables, ``model``, ``data``, ``optim`` and ``run``.
 
 Any key can be overridden from the command line with ``--set table.key=value`` (values are
-parsed as TOML, so ``--set optim.lr=3e-4`` is a float and ``--set data.tasks=["vqa"]`` a list).
-Unknown keys fail fast, naming the key.
+parsed as TOML, so ``--set optim.lr=3e-4`` is a float and ``--set data.tasks=["vqa"]`` a list,
+and checked against the key's field: see ``vlm.train.overrides``; ``null`` unsets an optional
+key). Unknown keys fail fast, naming the key.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from vlm.config import ModelConfig
 from vlm.schema import ConfigError, parse_dataclass
+from vlm.train.overrides import apply_overrides
 
 #: The shipped recipes (``shapes.toml``, ``llava_stage1.toml``, ...), installed or not.
 RECIPES = Path(str(files("vlm.train") / "recipes"))
@@ -133,29 +135,8 @@ class Recipe:
         }
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value as TOML (numbers, booleans, lists, tables); else a plain string."""
-    try:
-        return tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Applies one ``a.b.c=value`` to a nested dict; the tables on the way must exist."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    parts = key.strip().split(".")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None and parts[0] == "model":  # model tables may be sparse (e.g. hf_config)
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])!r} is not a table of the recipe")
-        node = child
-    node[parts[-1]] = parse_value(text.strip())
+#: The recipe's tables and the dataclasses that type their keys (``model``: the model config).
+TABLES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -176,8 +157,7 @@ def recipe_from_dict(tree: dict[str, Any], overrides: list[str] = (), source: st
         raise ConfigError(
             f"recipe: unknown table(s) {', '.join(map(repr, unknown))}; tables are model, data, optim, run"
         )
-    for assignment in overrides:
-        apply_override(tree, assignment)
+    apply_overrides(tree, overrides, TABLES)
     moved = sorted(set(tree["data"]) & MOVED_TO_PROCESSOR)
     if moved:
         raise ConfigError(

@@ -39,6 +39,10 @@ class Registry:
             )
         return self._entries[name]
 
+    def config_class(self, name: Any) -> type:
+        """The dataclass that configures the part registered as ``name``."""
+        return self._entry(name)[1]
+
     def parse(self, data: dict[str, Any] | Any) -> Any:
         """A config dataclass from a dict (its ``name`` picks the class); dataclasses pass through."""
         if not isinstance(data, dict):

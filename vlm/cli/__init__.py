@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run directory")
     demo.add_argument("--recipe", help="a recipe TOML file (default: the shipped shapes.toml)")
     demo.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key (repeatable): VALUE as TOML, checked against the "
+        "key's type; null unsets an optional key",
     )
 
     save = add_subcommand(
