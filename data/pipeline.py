@@ -49,7 +49,9 @@ class BadDataError(RuntimeError):
 
 def expand_shards(specs: str | Sequence[str]) -> list[str]:
     """Shard URLs from brace patterns (``shard-{000000..000009}.tar``), directories (every
-    ``*.tar`` inside), local globs, and remote or ``pipe:`` URLs (kept as they are)."""
+    ``*.tar`` inside), local globs, and remote or ``pipe:`` URLs (kept as they are). A local
+    name that finds no shard (a missing file, a directory without ``*.tar``, a glob that matches
+    nothing) is a ``FileNotFoundError`` naming it: a typo in one of several is not ignored."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     urls: list[str] = []
     for spec in specs:
@@ -58,9 +60,15 @@ def expand_shards(specs: str | Sequence[str]) -> list[str]:
             if "://" in url or url.startswith("pipe:"):
                 urls.append(url)
             elif path.is_dir():
-                urls += sorted(str(p) for p in path.glob("*.tar"))
+                found = sorted(str(p) for p in path.glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"no shard (*.tar) in the directory {url!r}")
+                urls += found
             elif any(c in url for c in "*?["):
-                urls += sorted(glob.glob(url))
+                found = sorted(glob.glob(url))
+                if not found:
+                    raise FileNotFoundError(f"no shard file matches the glob {url!r}")
+                urls += found
             elif path.is_file():
                 urls.append(url)
             else:

@@ -8,7 +8,10 @@ from typing import Any, TextIO
 
 from vlm.eval.predict import InputError, Predictor, load_image
 
-HELP = "/image PATH attaches an image to your next message, /reset starts over, /quit (or Ctrl-D) leaves"
+HELP = (
+    "/image PATH attaches an image to your next message, /reset starts over, /quit (or Ctrl-D) leaves, "
+    "/help shows this; start a message with // to send one that begins with /"
+)
 
 
 def chat_loop(
@@ -34,20 +37,27 @@ def chat_loop(
             return 0
         if not line:
             continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            history, pending = [], []
-            print("(conversation cleared)", file=out, flush=True)
-            continue
-        if line.startswith("/image"):
-            path = line.removeprefix("/image").strip()
-            try:
-                pending.append(_image_part(path))
-            except InputError as err:
-                print(f"(cannot attach: {err})", file=out, flush=True)
-                continue
-            print(f"(attached {path}; it goes with your next message)", file=out, flush=True)
+        if line.startswith("//"):  # a message that begins with "/", sent as written after the first
+            line = line[1:]
+        elif line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                history, pending = [], []
+                print("(conversation cleared)", file=out, flush=True)
+            elif command == "/image":
+                path = argument.strip()
+                try:
+                    pending.append(_image_part(path))
+                except InputError as err:
+                    print(f"(cannot attach: {err})", file=out, flush=True)
+                    continue
+                print(f"(attached {path}; it goes with your next message)", file=out, flush=True)
+            elif command == "/help":
+                print(f"({HELP})", file=out, flush=True)
+            else:
+                print(f"(unknown command {command}, not sent; {HELP})", file=out, flush=True)
             continue
         history.append({"role": "user", "content": [*pending, {"type": "text", "text": line}]})
         pending = []

@@ -168,6 +168,7 @@ def set_bridge_name(model):
         (set_bridge_name, "config.json", "unknown bridge 'mlp9x_gelu'"),
         (lambda m: (m / "tokenizer_config.json").unlink(), "", "no tokenizer in"),
         (lambda m: (m / "tokenizer.json").write_text("{not json"), "", "tokenizer"),
+        (lambda m: (m / "tokenizer.json").unlink(), "", "no tokenizer.json in"),
     ],
     ids=[
         "garbage-weights",
@@ -177,6 +178,7 @@ def set_bridge_name(model):
         "unknown-part",
         "no-tokenizer",
         "bad-tokenizer",
+        "no-tokenizer-json",
     ],
 )
 def test_a_broken_model_directory_gets_one_message(

@@ -151,6 +151,10 @@ def _load_full(model: nn.Module, weights: dict[str, Any], *, assign: bool = Fals
         finish_assigned(model)
 
 
+#: The vocabulary files of transformers' slow tokenizers (Llama's, GPT-2's, BERT's, T5's, ...).
+SLOW_VOCABULARIES = ("tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved beside a model (or any local tokenizer directory)."""
     if not (Path(path) / "tokenizer_config.json").is_file():
@@ -160,6 +164,13 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exceptions for damaged files
+        if not any((Path(path) / name).is_file() for name in ("tokenizer.json", *SLOW_VOCABULARIES)):
+            # transformers then asks for sentencepiece to convert a slow tokenizer there is none of
+            raise ConfigError(
+                f"no tokenizer.json in {str(path)!r} (its tokenizer_config.json is there, its vocabulary "
+                "is not): copy the tokenizer.json saved with it, or save the training tokenizer beside "
+                "the model again: tokenizer.save_pretrained(DIR)"
+            ) from None
         raise ConfigError(
             f"the tokenizer in {str(path)!r} cannot be loaded ({type(err).__name__}: {err}); save the "
             "training tokenizer beside the model again: tokenizer.save_pretrained(DIR)"
