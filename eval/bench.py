@@ -351,7 +351,7 @@ def run(
     models=MODELS,
     size: str = "small",
     device: str = "auto",
-    out: str | Path = "eval/results",
+    out: str | Path = "runs/bench",
     iters: int = 6,
     *,
     best_settings: bool = True,

@@ -66,7 +66,7 @@ def measure(path: Path) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(out: str | Path = "eval/results") -> Path:
+def run(out: str | Path = "runs/bench") -> Path:
     """Measures and writes ``convert-<device>.json`` under ``out``; returns its path."""
     with tempfile.TemporaryDirectory() as tmp:
         size = write_checkpoint(Path(tmp))
@@ -83,4 +83,4 @@ def run(out: str | Path = "eval/results") -> Path:
 
 
 if __name__ == "__main__":
-    print(run(sys.argv[1] if len(sys.argv) > 1 else "eval/results").read_text())
+    print(run(sys.argv[1] if len(sys.argv) > 1 else "runs/bench").read_text())

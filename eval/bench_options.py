@@ -187,7 +187,7 @@ def cache_rows(
 
 
 def run(
-    out: str | Path = "eval/results",
+    out: str | Path = "runs/bench",
     steps: int = 40,
     shapes: str = "runs/shapes-data",
     device: str = "auto",

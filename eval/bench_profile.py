@@ -49,7 +49,7 @@ def profile_tables(
     return tables
 
 
-def run(name: str, size: str = "small", device: str = "cpu", out: str | Path = "eval/results") -> Path:
+def run(name: str, size: str = "small", device: str = "cpu", out: str | Path = "runs/bench") -> Path:
     """Writes ``profile-<model>-<device>.md``: every table, with the versions."""
     tables = profile_tables(name, size, device)
     dev = pick_device(device)

@@ -190,7 +190,7 @@ def load(port: int, clients: int, seconds: float, max_tokens: int) -> dict[str, 
 
 
 def run(
-    out: str | Path = "eval/results",
+    out: str | Path = "runs/bench",
     *,
     seconds: float = 20.0,
     max_tokens: int = 32,
