@@ -127,6 +127,21 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+def numerics(device: torch.device) -> dict[str, Any]:
+    """What a run's losses depend on besides the recipe, the data and the code: the same seed
+    repeats a run bit for bit only where these are the same too. The intra-op thread count
+    splits reductions (sums over tokens, weight gradients) into a different number of partial
+    sums, and the CPU's instruction set (AVX2, AVX-512) picks other kernels; a difference in
+    the last bit at one step grows over a run's steps until the scores move."""
+    found: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
+    if device.type == "cpu":
+        found["threads"] = torch.get_num_threads()
+        found["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    else:
+        found["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return found
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -299,6 +314,8 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     run_log = RunLog(out, enabled=env.is_main, resume_step=state["step"] if found else None)
+    if env.is_main:
+        log.info("numerics (a run repeats bit for bit where these are the same): %s", numerics(env.device))
     loader = make_train_loader(recipe, model, processor, env, micro_batch, shards)
     stream = EpochStream(loader, epoch=state["epoch"], position=state["position"])
     if run.compile:
@@ -403,6 +420,7 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
         "skipped_steps": state["skipped_steps"],
         "train_seconds": time.perf_counter() - start,
         "run_dir": str(out),
+        "numerics": numerics(env.device),
     }
     full_state = gather_model_state(model) if is_sharded(model) else None  # a collective
     if env.is_main:
