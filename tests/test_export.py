@@ -445,7 +445,8 @@ def test_the_readmes_export_command_and_transformers_snippet_run(tmp_path, monke
     model = tiny_model(*KINDS["mlp2x_gelu, llama, full features"])
     model.save_pretrained("runs/my-model", tokenizer=placeholder_tokenizer(VOCAB))
     _image(6).save("photo.jpg")
-    args = shlex.split(command)
+    # DIR: a model directory saved with its tokenizer
+    args = ["runs/my-model" if word == "DIR" else word for word in shlex.split(command)]
     assert args[0] == "vlm" and main(args[1:]) == 0
     capsys.readouterr()
     exec(compile(snippet, "README.md", "exec"), {})
