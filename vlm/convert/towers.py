@@ -1,5 +1,6 @@
-"""Vision towers both ways: transformers' CLIP tower (LLaVA's, IDEFICS's) and BLIP-2's EVA tower
-as vlm's ViT, and vlm's encoders (its ViT, open_clip's ViTs) as transformers' CLIP tower."""
+"""Vision towers both ways: transformers' CLIP tower (LLaVA's, IDEFICS's), BLIP-2's EVA tower and
+SigLIP's tower (Idefics3's, SmolVLM's, LLaVA-OneVision's) as vlm's ViT, and vlm's encoders (its
+ViT, open_clip's ViTs) as transformers' CLIP tower (vlm's ViT also as SigLIP's)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from vlm.convert.common import KeyMap, image_stats, refuse
+from vlm.convert.common import KeyMap, image_stats, load_exact, refuse, select
 from vlm.encoders.vit import ViTConfig
 from vlm.schema import ConfigError
 
@@ -103,22 +104,29 @@ def vision_sizes(encoder: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class CLIPTower:
-    """A vlm image encoder as transformers' CLIP vision tower: what LLaVA's and IDEFICS's exports
-    write.
+class VisionTower:
+    """A vlm image encoder as a transformers vision tower (CLIP's or SigLIP's): what LLaVA's and
+    IDEFICS's exports write.
 
     Attributes:
-        config: ``CLIPVisionConfig``'s keys.
-        state: the tower's tensors under transformers' names (those under ``vision_model``).
+        config: the vision config's keys (``CLIPVisionConfig``'s or ``SiglipVisionConfig``'s).
+        state: the tower's tensors under transformers' names (those under ``vision_model``, or
+            under the prefix the export asked for).
         feature_layer: the hidden state vlm's features are, as transformers indexes
             ``hidden_states`` from the end (``-1``: the last block's output).
         keep_class_token: the features start with the class token.
+        post_norm: the features are ``last_hidden_state`` (the last block's output after
+            ``post_layernorm``), not ``hidden_states[feature_layer]``.
     """
 
     config: dict[str, Any]
     state: dict[str, Tensor]
     feature_layer: int
     keep_class_token: bool
+    post_norm: bool = False
+
+
+CLIPTower = VisionTower  # the name LLaVA's and IDEFICS's exports knew it by
 
 
 def vit_tower(encoder: nn.Module) -> CLIPTower:
@@ -127,6 +135,7 @@ def vit_tower(encoder: nn.Module) -> CLIPTower:
     refuse(
         {
             f"encoder.stem={config.stem!r}": config.stem != "patch",
+            "encoder.class_token=false": not config.class_token,
             "encoder.patch_bias=true": config.patch_bias,
             "encoder.pre_norm=false": not config.pre_norm,
             "encoder.final_norm=true": config.final_norm,
@@ -243,3 +252,142 @@ def clip_tower(encoder: nn.Module) -> CLIPTower:
             f"counterpart there (exportable encoders: {', '.join(CLIP_TOWERS)})"
         )
     return CLIP_TOWERS[name](encoder)
+
+
+# --- SigLIP (transformers' SiglipVisionModel; Idefics3's and SmolVLM's tower) ------------------
+
+#: SigLIP's normalisation (its processors' ``image_mean`` and ``image_std``).
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+#: The files :func:`image_stats` reads the normalisation from.
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def siglip_config(vision: Any, path: Path | None = None, **options: Any) -> ViTConfig:
+    """vlm's ViT shaped as transformers' SigLIP vision tower: no class token (``grid**2``
+    positions), a patch bias, no pre-norm, and by default the tower's own output,
+    ``last_hidden_state`` (``feature_layer=-1, final_norm=True``: the last block after
+    ``post_layernorm``, Idefics3's and SmolVLM's features). LLaVA-OneVision's features,
+    ``hidden_states[-1]`` of a tower whose last layer was removed, are ``final_norm=False``.
+
+    Args:
+        vision: a ``SiglipVisionConfig`` (or Idefics3's vision config, the same keys).
+        path: the checkpoint's directory, whose processor files give the normalisation; ``None``
+            (or no such file there): SigLIP's mean and std of 0.5.
+        options: other :class:`ViTConfig` fields, over these (``feature_layer``, ``final_norm``).
+
+    Raises:
+        ConfigError: the tower has something vlm's ViT cannot represent (an activation other
+            than GELU, tanh GELU or QuickGELU; other than 3 input channels).
+    """
+    act = {theirs: ours for ours, theirs in HF_ACTIVATIONS.items()}.get(vision.hidden_act)
+    channels = getattr(vision, "num_channels", 3)
+    problems = {
+        f"hidden_act={vision.hidden_act!r} (vlm's ViT has {', '.join(HF_ACTIVATIONS.values())})": act is None,
+        f"num_channels={channels} (vlm's ViT reads RGB images, 3 channels)": channels != 3,
+    }
+    found = [k for k, v in problems.items() if v]
+    if found:
+        raise ConfigError(
+            "this SigLIP vision tower does not convert to vlm's ViT: " + ", ".join(found) + " has no "
+            "counterpart there"
+        )
+    width = vision.hidden_size
+    mean, std = SIGLIP_MEAN, SIGLIP_STD
+    if path is not None and any((Path(path) / name).is_file() for name in _PROCESSOR_FILES):
+        mean, std = image_stats(Path(path))
+    settings = dict(
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        width=width,
+        depth=vision.num_hidden_layers,
+        num_heads=vision.num_attention_heads,
+        mlp_ratio=vision.intermediate_size / width,
+        layer_norm_eps=vision.layer_norm_eps,
+        act=act,
+        class_token=False,
+        pre_norm=False,
+        patch_bias=True,
+        feature_layer=-1,
+        final_norm=True,
+        mean=tuple(mean),
+        std=tuple(std),
+        freeze=True,
+    )
+    return ViTConfig(**(settings | options))
+
+
+def siglip_tower_map(depth: int, prefix: str = "") -> KeyMap:
+    """transformers' SigLIP vision tower <-> vlm's ViT (as :func:`siglip_config` shapes it).
+
+    The attention-pooling ``head`` (``SiglipVisionModel`` with ``vision_use_head``) has no place
+    in vlm's ViT: :meth:`KeyMap.to_vlm` leaves it out, and VLMs' towers have none.
+
+    Args:
+        depth: the tower's layers (``num_hidden_layers``).
+        prefix: what the tower's names start with: ``""`` in ``SiglipVisionModel`` as
+            transformers 5 saves it, ``"vision_model."`` in ``SiglipModel`` checkpoints,
+            ``"model.vision_model."`` in Idefics3's and SmolVLM's.
+    """
+    renames = {
+        "embeddings.position_embedding.weight": "pos_embed",
+        "embeddings.patch_embedding.": "patch_embed.",
+        "post_layernorm.": "norm.",
+    } | _blocks(depth, _LAYER | {"self_attn.out_proj.": "attn.out."})
+    return KeyMap(
+        renames={prefix + theirs: ours for theirs, ours in renames.items()},
+        fused=tuple(
+            (tuple(f"{prefix}encoder.layers.{i}.self_attn.{p}_proj" for p in "qkv"), f"blocks.{i}.attn.qkv")
+            for i in range(depth)
+        ),
+    )
+
+
+def load_siglip_tower(encoder: nn.Module, weights: dict[str, Tensor], prefix: str = "") -> None:
+    """Loads the SigLIP tower whose names start with ``prefix`` in ``weights`` into vlm's ViT
+    ``encoder`` (built from :func:`siglip_config`, on meta or not): the tensors become its
+    parameters, and every parameter must be covered. Taken from a :class:`Checkpoint`, the
+    tower's tensors count as used; the rest (a ``head``, the text model) is left to be named.
+    """
+    keymap = siglip_tower_map(encoder.config.depth, prefix)
+    names = list(keymap.renames) + [f"{part}." for parts, _ in keymap.fused for part in parts]
+    tower = select(weights, {name: name for name in names})
+    # A projection missing beside its siblings (q without k) would not fuse: name it.
+    missing = [
+        f"{part}.{kind}"
+        for parts, _ in keymap.fused
+        for kind in ("weight", "bias")
+        if any(f"{part}.{kind}" in tower for part in parts)
+        for part in parts
+        if f"{part}.{kind}" not in tower
+    ]
+    if missing:
+        raise ConfigError(f"the checkpoint's vision tower weights do not fit: missing {missing[:4]}")
+    load_exact(encoder, tower, "vision tower", keymap)
+
+
+def siglip_tower(encoder: nn.Module, prefix: str = "") -> VisionTower:
+    """vlm's ViT as transformers' SigLIP vision tower: ``config`` has ``SiglipVisionConfig``'s
+    keys (build it with ``vision_use_head=False``), ``state`` its names after ``prefix``.
+    ``post_norm`` says whether the features are ``last_hidden_state``."""
+    config = encoder.config
+    feature_layer = encoder.blocks_to_run - config.depth - 1
+    refuse(
+        {
+            "encoder.class_token=true": config.class_token,
+            "encoder.patch_bias=false": not config.patch_bias,
+            "encoder.pre_norm=true": config.pre_norm,
+            f"encoder.stem={config.stem!r}": config.stem != "patch",
+            f"encoder.act={config.act!r}": config.act not in HF_ACTIVATIONS,
+            # transformers applies post_layernorm to the last layer's output only.
+            f"encoder.final_norm=true at feature_layer={config.feature_layer}": config.final_norm
+            and feature_layer != -1,
+        },
+        "transformers' SigLIP vision tower",
+    )
+    return VisionTower(
+        config=vision_sizes(config) | {"hidden_act": HF_ACTIVATIONS[config.act]},
+        state=siglip_tower_map(config.depth, prefix).to_transformers(encoder.state_dict()),
+        feature_layer=feature_layer,
+        keep_class_token=False,
+        post_norm=config.final_norm,
+    )

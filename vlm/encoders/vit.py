@@ -1,4 +1,6 @@
-"""A ViT patch tokenizer: patch embedding, position embeddings, pre-norm blocks."""
+"""A ViT patch tokenizer: patch embedding, position embeddings, pre-norm blocks. CLIP-shaped by
+default; SigLIP-shaped (no class token, no pre-norm, a patch bias, tanh GELU, the post-norm on
+the last layer) with options."""
 
 from __future__ import annotations
 
@@ -20,10 +22,24 @@ from vlm.schema import ConfigError
 class ViTConfig:
     """A ViT written here, CLIP-shaped by default (ViT-B/16 sizes).
 
+    SigLIP's tower (transformers' ``SiglipVisionModel``, Idefics3's and LLaVA-OneVision's) is
+    ``class_token=False, pre_norm=False, patch_bias=True, act="gelu_tanh", layer_norm_eps=1e-6``
+    (:func:`vlm.convert.towers.siglip_config` builds it from transformers' config).
+
     Args:
-        feature_layer: hidden state to return (``-2`` = penultimate block, as LLaVA).
-        keep_class_token: return the class token before the patch tokens.
-        final_norm: apply the final LayerNorm to the returned features (BLIP-2 style).
+        feature_layer: hidden state to return, indexed as transformers' ``hidden_states``
+            (``0`` the embeddings, ``i`` block ``i``'s output, ``-1`` the last block's, ``-2`` the
+            penultimate, LLaVA's default).
+        class_token: the ViT has a class token (CLIP, EVA): ``1 + grid**2`` positions. ``False``:
+            none at all, no class embedding and ``grid**2`` positions (SigLIP).
+        keep_class_token: return the class token before the patch tokens (needs ``class_token``).
+        final_norm: apply the final LayerNorm (``norm``) to every returned token, at whichever
+            ``feature_layer``. With ``feature_layer=-1`` that is SigLIP's ``post_layernorm``:
+            the features are transformers' ``last_hidden_state`` (Idefics3's, SmolVLM's). With
+            ``final_norm=False`` and ``feature_layer=-1`` they are ``hidden_states[-1]``, the last
+            block's output before the post-norm (LLaVA-OneVision's ``"full"`` features). Before
+            the last block only vlm has the option (BLIP-2 style; transformers' SigLIP applies
+            the post-norm to ``last_hidden_state`` only).
         act: MLP activation: ``"gelu"``, ``"quick_gelu"`` (OpenAI CLIP) or ``"gelu_tanh"``.
         pre_norm: a LayerNorm after the embeddings (CLIP); BLIP-2's EVA ViT has none.
         patch_bias: a bias on the patch embedding (BLIP-2).
@@ -47,6 +63,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-5
     feature_layer: int = -2
+    class_token: bool = True
     keep_class_token: bool = False
     final_norm: bool = False
     act: str = "gelu"
@@ -143,18 +160,29 @@ class ViTEncoder(ImageEncoder):
             )
         if config.act not in ACTIVATIONS:
             raise ConfigError(f"encoder.act must be one of {sorted(ACTIVATIONS)}, got {config.act!r}")
+        if config.keep_class_token and not config.class_token:
+            raise ConfigError(
+                "encoder.keep_class_token=true needs a class token, but encoder.class_token=false; "
+                "set keep_class_token=false (the features are then the patch tokens)"
+            )
         self.config = config
         self.grid = config.image_size // config.patch_size
         self.patch_embed = _stem(config)
-        self.class_token = nn.Parameter(torch.randn(config.width) * config.width**-0.5)
+        # None: no class token at all (SigLIP), not one computed and dropped.
+        self.class_token = (
+            nn.Parameter(torch.randn(config.width) * config.width**-0.5) if config.class_token else None
+        )
         if config.pos_init not in ("random", "sincos") or (config.pos_init == "sincos" and config.width % 4):
             raise ConfigError(
                 f"encoder.pos_init must be 'random' or 'sincos' (with a width divisible by 4), got "
                 f"{config.pos_init!r}"
             )
+        self.num_prefix = int(config.class_token)  # positions before the patches'
         table = sincos_2d(self.grid, config.width) if config.pos_init == "sincos" else None
-        self.pos_embed = nn.Parameter(
-            torch.randn(self.grid**2 + 1, config.width) * 0.02 if table is None else table
+        self.pos_embed = nn.Parameter(  # (num_prefix + grid**2, D)
+            torch.randn(self.grid**2 + self.num_prefix, config.width) * 0.02
+            if table is None
+            else table[1 - self.num_prefix :]
         )
         self.norm_pre = (
             nn.LayerNorm(config.width, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
@@ -190,7 +218,7 @@ class ViTEncoder(ImageEncoder):
         """Position embeddings, resized bicubically when the image is not ``image_size``."""
         if (grid_h, grid_w) == (self.grid, self.grid):
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:1], self.pos_embed[1:]
+        cls_pos, patch_pos = self.pos_embed[: self.num_prefix], self.pos_embed[self.num_prefix :]
         patch_pos = patch_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
         patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)[0]])
@@ -199,11 +227,12 @@ class ViTEncoder(ImageEncoder):
         x = self.patch_embed(pixels)  # (B, D, h, w)
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self._positions(grid_h, grid_w).to(x.dtype)
-        x = self.norm_pre(x)
+        if self.class_token is not None:
+            cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, D)
+        x = self.norm_pre(x + self._positions(grid_h, grid_w).to(x.dtype))
         for block in self.blocks[: self.blocks_to_run]:
             x = block(x)
         if self.config.final_norm:
             x = self.norm(x)
-        return x if self.config.keep_class_token else x[:, 1:]
+        return x if self.config.keep_class_token else x[:, self.num_prefix :]
