@@ -27,16 +27,18 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP_INSTALL) -e .
 	touch $@
 
+# The tests need the lmms extra too: tests/test_lmms_eval.py runs lmms-eval's CLI on a vlm model.
 $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
-	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev,lmms]'
 	touch $@ $(VENV)/.installed
 
 # Re-resolves every dependency to the newest versions pyproject.toml allows, in a scratch venv,
 # and rewrites constraints.txt. Then run `make test` and `make demo` and update the README's figures.
+# The extras resolve together, so that one constraints.txt installs `.[dev]`, `.[lmms]` or both.
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install -q -e '.[dev]'
+	.venv-lock/bin/pip install -q -e '.[dev,lmms]'
 	{ echo "# The versions \`make\` installs (pip install -c constraints.txt): what the tests and the README's"; \
 	  echo "# figures were last run with. Upgrade with \`make lock\` (README, \"Upgrading dependencies\")."; \
 	  .venv-lock/bin/pip freeze --exclude-editable | grep -v '^vlm=='; } > $(CONSTRAINTS)
