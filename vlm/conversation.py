@@ -11,10 +11,15 @@ end-of-sequence token, whatever its spelling.
 - ``plain``: LLaVA's stage 1: each user turn is only its images, each assistant turn its text
   and ``EOS`` (a caption right after the image);
 - ``vicuna_v1``: LLaVA-1.5's stage 2: ``SYSTEM USER: ... ASSISTANT: ...</s>USER: ...``.
+
+``plain`` and ``vicuna_v1`` are also written as Jinja beside their renderers (:data:`JINJA`):
+the bodies of the chat template an export carries (:mod:`vlm.convert.chat_template`). Change
+one, change both (tests/test_export_chat_template.py compares them).
 """
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +49,21 @@ def _plain(
     return pieces
 
 
+# ``vlm_text(content)`` is a content as vlm's string; :mod:`vlm.convert.chat_template` defines
+# it with ``vlm_image``, ``vlm_bos`` and ``vlm_eos``. BOS is written here; the export's wrapper
+# drops it where transformers' tokenizer adds it.
+PLAIN_JINJA = """
+{%- if vlm_bos -%}{{ vlm_bos }}{%- endif -%}
+{%- for message in messages -%}
+{%- if message['role'] == 'user' -%}
+{{- vlm_image * vlm_text(message['content']).count(vlm_image) -}}
+{%- elif message['role'] == 'assistant' -%}
+{{- (vlm_text(message['content']) | trim) + vlm_eos -}}
+{%- endif -%}
+{%- endfor -%}
+"""
+
+
 def _vicuna_v1(
     messages: Sequence[Message], image_token: str, *, add_generation_prompt: bool, tokenizer
 ) -> list[Piece]:
@@ -59,6 +79,27 @@ def _vicuna_v1(
     return pieces
 
 
+VICUNA_JINJA = (
+    """
+{%- if vlm_bos -%}{{ vlm_bos }}{%- endif -%}
+{%- set vlm_system = messages | selectattr('role', 'equalto', 'system') | list -%}
+{%- if vlm_system -%}{{ vlm_text(vlm_system[0]['content']) + ' ' }}
+{%- else -%}{{ """
+    + json.dumps(VICUNA_SYSTEM + " ")
+    + """ }}
+{%- endif -%}
+{%- for message in messages -%}
+{%- if message['role'] == 'user' -%}
+{{- 'USER: ' + vlm_text(message['content']) + ' ' -}}
+{%- elif message['role'] == 'assistant' -%}
+{{- 'ASSISTANT:' + (vlm_text(message['content']) | trim) + vlm_eos -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}
+"""
+)
+
+
 @dataclass(frozen=True)
 class TemplateStyle:
     """How a tokenizer's chat template reads messages (:func:`template_style`).
@@ -71,7 +112,9 @@ class TemplateStyle:
             tokenizer adds one to a text (Llama's, llava-hf's) and the template does not write it,
             since transformers' processors tokenize such renders with the special tokens; ``""``
             for a template over strings (vlm tokenizes those as transformers' tokenizers do, with
-            none).
+            none). A template that reads both alike, an image part as vlm's string gives it
+            (``"<image>\\n"``), is a processor's template, read over parts: an export's
+            (:mod:`vlm.convert.chat_template`) comes back into vlm with the prompts it left with.
     """
 
     parts: bool
@@ -92,23 +135,32 @@ def _probe(tokenizer, content: str | list[dict[str, str]]) -> str:
 
 
 def _find_style(tokenizer, image_token: str) -> TemplateStyle:
+    imaged = _probe(tokenizer, [{"type": "image"}, {"type": "text", "text": _PROBE}])
+    if imaged.count(image_token) == 1 and imaged == _probe(tokenizer, f"{image_token}\n{_PROBE}"):
+        # It reads both alike, an image part as vlm's string gives it: a processor's template
+        # (an export's), read over parts, with the processor's BOS.
+        return TemplateStyle(parts=True, prefix=tokenizer.bos_token if adds_bos(tokenizer) else "")
     if _PROBE in _probe(tokenizer, _PROBE):
         return TemplateStyle(parts=False)  # strings, as vlm's own data holds them
     if _PROBE not in _probe(tokenizer, [{"type": "text", "text": _PROBE}]):
         return TemplateStyle(parts=False)  # neither: rendered as before, the template's errors its own
-    with_image = _probe(tokenizer, [{"type": "image"}, {"type": "text", "text": _PROBE}])
-    if with_image.count(image_token) != 1:
+    if imaged.count(image_token) != 1:
         raise ConfigError(
-            f"the tokenizer's chat template renders an image part as {with_image!r}, not with the "
+            f"the tokenizer's chat template renders an image part as {imaged!r}, not with the "
             f"{image_token!r} token the model's image placeholders expand from; give the tokenizer a "
             "template that renders it, or set processor.chat = false and processor.conversation = "
             "'vicuna_v1'"
         )
+    return TemplateStyle(parts=True, prefix=tokenizer.bos_token if adds_bos(tokenizer) else "")
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS in front of a text it tokenizes with special tokens
+    (Llama's does, GPT-2's does not): what transformers' processors do with a rendered chat."""
     bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [
+    return bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [
         tokenizer.bos_token_id
     ]
-    return TemplateStyle(parts=True, prefix=bos if adds_bos else "")
 
 
 def template_style(tokenizer, image_token: str) -> TemplateStyle:
@@ -194,12 +246,19 @@ def chat_template_pieces(
 #: Conversation templates by name; ``processor.conversation`` picks one ("auto": the tokenizer's
 #: chat template when it has one, else ``vicuna_v1``).
 CONVERSATIONS = {"chat_template": chat_template_pieces, "plain": _plain, "vicuna_v1": _vicuna_v1}
+#: The named templates as Jinja bodies (``chat_template`` is the tokenizer's own, wrapped).
+JINJA = {"plain": PLAIN_JINJA, "vicuna_v1": VICUNA_JINJA}
 
 
-def conversation_template(name: str, tokenizer):
-    """The template function a processor uses for ``processor.conversation = name``."""
+def conversation_name(name: str, tokenizer) -> str:
+    """The template ``processor.conversation = name`` means for this tokenizer ("auto" resolved)."""
     if name == "auto":
         name = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
     if name == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("processor.conversation = 'chat_template', but the tokenizer has no chat template")
-    return CONVERSATIONS[name]
+    return name
+
+
+def conversation_template(name: str, tokenizer):
+    """The template function a processor uses for ``processor.conversation = name``."""
+    return CONVERSATIONS[conversation_name(name, tokenizer)]

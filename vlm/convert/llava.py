@@ -13,6 +13,7 @@ from torch import nn
 
 from vlm.bridges.linear import ProjectorConfig
 from vlm.config import ModelConfig
+from vlm.convert.chat_template import export_chat_template
 from vlm.convert.common import (
     crop_image_processor,
     finish,
@@ -115,7 +116,9 @@ def reference_llava(size: Size, image_token_id: int) -> nn.Module:
 def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module, Any]:
     """transformers' ``LlavaForConditionalGeneration`` holding ``model``'s weights, and its
     ``LlavaProcessor``. A ``linear`` bridge becomes the projector's first linear, an identity
-    activation and an identity second linear (exact)."""
+    activation and an identity second linear (exact). The processor's chat template renders
+    conversations (string or parts contents) as the model was trained on them
+    (:mod:`vlm.convert.chat_template`); it is saved as ``chat_template.jinja``."""
     bridge, processor = model.config.bridge, model.config.processor
     tower = clip_tower(model.encoder)
     refuse(
@@ -157,13 +160,15 @@ def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
     hf.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     hf.to(next(model.parameters()).dtype)
     image_processor = crop_image_processor(model.encoder)
+    image_token = tokenizer.convert_ids_to_tokens(model.image_token_id)
     return hf, transformers.LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=tower.config["patch_size"],
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's class token
-        image_token=tokenizer.convert_ids_to_tokens(model.image_token_id),
+        image_token=image_token,
+        chat_template=export_chat_template(processor, tokenizer, image_token),
     )
 
 
