@@ -14,6 +14,7 @@ import torch
 import transformers
 from PIL import Image
 from test_chat_template import LLAVA_HF_TEMPLATE, STRING_TEMPLATE
+from test_conversation import byte_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from vlm.bridges.linear import ProjectorConfig
@@ -216,3 +217,12 @@ def test_the_export_warns_when_the_tokenizer_adds_a_bos_vlms_prompts_lack(tmp_pa
     with caplog.at_level(logging.WARNING, logger="vlm.convert.chat_template"):
         export_transformers(model, tokenizer, tmp_path)
     assert "does not give vlm's prompt ids" in caplog.text
+
+
+def test_a_tokenizer_that_merges_across_a_turns_edge_is_named():
+    # vlm tokenizes vicuna_v1's pieces one by one: the space that ends a user turn and the
+    # "ASSISTANT:" after it are apart, where byte-level BPE on the whole text makes " ASSISTANT" one.
+    tokenizer = byte_tokenizer()
+    config = ProcessorConfig(conversation="vicuna_v1")
+    why = prompt_mismatch(chat_template(config, tokenizer, "<image>"), config, tokenizer, "<image>")
+    assert why.startswith("the same text, tokenized otherwise")

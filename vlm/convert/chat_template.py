@@ -153,10 +153,13 @@ def prompt_mismatch(template: str, config: ProcessorConfig, tokenizer: Any, imag
             "the tokenizer adds a BOS that vlm's prompts (its chat template's renders) lack; "
             "tokenize the render with add_special_tokens=False"
         )
+    if tokenizer.decode(got) != tokenizer.decode(expected):
+        return f"the texts differ: {tokenizer.decode(expected)!r} (vlm) against {tokenizer.decode(got)!r}"
+    at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
     return (
-        "vlm tokenizes each turn on its own, and this tokenizer merges text across a turn's edge "
-        f"or adds tokens of its own: {tokenizer.decode(expected)!r} (vlm) against "
-        f"{tokenizer.decode(got)!r} (transformers)"
+        "the same text, tokenized otherwise: vlm tokenizes each turn on its own, and this tokenizer "
+        f"merges text across a turn's edge ({tokenizer.convert_ids_to_tokens(expected[at : at + 3])} "
+        f"in vlm's prompt against {tokenizer.convert_ids_to_tokens(got[at : at + 3])})"
     )
 
 
