@@ -54,17 +54,24 @@ def task_examples(text: dict[str, Any], tasks: Sequence[str] = TASKS) -> Iterato
         yield {"task": "document", "document": text["document"]}
 
 
-def encode_example(processor, example: dict[str, Any], num_images: int) -> dict[str, Any] | None:
-    """Tokens and labels of one example (``None`` when it cannot fit ``max_length``)."""
+def encode_example(
+    processor, example: dict[str, Any], num_images: int, image_sizes: list | None = None
+) -> dict[str, Any] | None:
+    """Tokens and labels of one example (``None`` when it cannot fit ``max_length``);
+    ``image_sizes``: its images' ``(height, width)``, for a processor that tiles them."""
     task = example["task"]
     if task == "turns":
-        return processor.encode_turns(example["turns"], num_images=num_images)
+        return processor.encode_turns(example["turns"], num_images=num_images, image_sizes=image_sizes)
     if task == "chat":
-        return processor.encode_messages(example["messages"])
+        return processor.encode_messages(example["messages"], image_sizes=image_sizes)
     if task == "document":
-        return processor.encode_document(example["document"])
+        return processor.encode_document(example["document"], image_sizes=image_sizes)
     return processor.encode(
-        task, question=example.get("question"), answer=example["answer"], num_images=num_images
+        task,
+        question=example.get("question"),
+        answer=example["answer"],
+        num_images=num_images,
+        image_sizes=image_sizes,
     )
 
 
@@ -120,14 +127,19 @@ class ExampleStream(IterableDataset):
                 index += 1
             if not examples:
                 continue
-            name, tensor = self._visual(sample)
-            num_images = 0 if tensor is None else len(tensor)
+            name, tensor, sizes = self._visual(sample)
+            num_images = 0 if tensor is None else len(sizes)
+            tiles = [0]  # tiles[k]: the tiles of the first k images
+            for size in sizes:
+                tiles.append(tiles[-1] + (1 if size is None else self.processor.tiling.num_tiles(size)))
             for example in examples:
-                encoded = encode_example(self.processor, example, num_images)
+                encoded = encode_example(self.processor, example, num_images, sizes)
                 if encoded is None:
                     continue
                 kept = encoded.pop("num_images", num_images)  # truncation may leave out later images
-                visual = {} if not kept else {name: tensor if kept == num_images else tensor[:kept]}
+                visual = {} if not kept else {name: tensor if kept == num_images else tensor[: tiles[kept]]}
+                if kept and self.processor.tiling.splits:
+                    visual["image_sizes"] = sizes[:kept]
                 yield {**example, **encoded, **visual, "key": sample["key"]}
         truncated = self.processor.truncated - truncated_before
         if truncated:
@@ -138,14 +150,25 @@ class ExampleStream(IterableDataset):
         if dropped:
             log.warning("dropped example(s) that do not fit max_length: %s", dict(dropped))
 
-    def _visual(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor | None]:
-        """The sample's images as the model takes them, or its cached features."""
+    def _visual(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor | None, list]:
+        """The sample's images as the model takes them (their tiles, one after another), or
+        its cached features; and each image's ``(height, width)``."""
         if "features" in sample:  # from a frozen-feature cache: the encoder already ran
-            return "image_features", sample["features"]
+            return "image_features", sample["features"], [None] * len(sample["features"])
         images = sample["images"] if "images" in sample else [sample["image"]] if "image" in sample else []
         if not images:  # a text-only conversation
-            return "pixel_values", None
-        return "pixel_values", torch.stack([self.transform(image) for image in images])
+            return "pixel_values", None, []
+        return "pixel_values", *tile_pixels(images, self.processor.tiling, self.transform)
+
+
+def tile_pixels(images: Sequence[Any], tiling, transform: Callable) -> tuple[torch.Tensor, list]:
+    """The encoder's input for images: every image's tiles (``tiling.cut``) transformed and
+    stacked in reading order ``(N_tiles, 3, H, W)``, and each image's ``(height, width)``."""
+    tiles, sizes = [], []
+    for image in images:
+        sizes.append((image.height, image.width))
+        tiles += [transform(tile) for tile in tiling.cut(image)]
+    return torch.stack(tiles), sizes
 
 
 def collate(examples: list[dict[str, Any]], processor, *, side: str = "right") -> dict[str, Any]:
@@ -171,9 +194,21 @@ def collate(examples: list[dict[str, Any]], processor, *, side: str = "right") -
     if distinct:
         batch[visual] = torch.cat(distinct)
         batch["image_index"] = torch.tensor(index, dtype=torch.long)
+    sizes = [size for e in examples for size in _flat(e.get("image_sizes"))]
+    if sizes:  # images cut into tiles: each image's size, in reading order
+        batch["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
     for field in ("task", "key", "question", "answers", "references"):
         batch[field] = [e.get(field) for e in examples]
     return batch
+
+
+def _flat(sizes: Any) -> list:
+    """A packed row's per-example lists of sizes, or one example's, as one list."""
+    if not sizes:
+        return []
+    if isinstance(sizes[0], list):
+        return [size for own in sizes for size in _flat(own)]
+    return list(sizes)
 
 
 def make_loader(

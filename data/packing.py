@@ -68,6 +68,8 @@ class PackedStream(IterableDataset):
         row = self.processor.pack(examples)
         visual = "image_features" if any("image_features" in e for e in examples) else "pixel_values"
         row[visual] = [e.get(visual) for e in examples]  # collate keeps them in reading order
+        if any("image_sizes" in e for e in examples):
+            row["image_sizes"] = [list(e.get("image_sizes", [])) for e in examples]
         for field in _PER_EXAMPLE:
             row[field] = [e.get(field) for e in examples]
         return row

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from vlm.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeStats, decode_image, upright_rgb
+from vlm.data.loader import tile_pixels
 from vlm.data.pipeline import ImageTextShards
 from vlm.data.transforms import encoder_transform
 from vlm.generate import GenerationConfig, generate
@@ -125,7 +126,10 @@ class Predictor:
         self.tokenizer = load_tokenizer(model_dir)
         settings = self.model.config.processor  # what the model was trained with
         self.processor = Processor(
-            self.tokenizer, tokens_per_image=self.model.tokens_per_image, config=settings
+            self.tokenizer,
+            tokens_per_image=self.model.tokens_per_image,
+            config=settings,
+            tiling=self.model.tiling,
         )
         self.transform = encoder_transform(self.model.encoder, mode=settings.resize)
         self.generation = dataclasses.replace(
@@ -154,8 +158,11 @@ class Predictor:
         prompts, pixels = [], []
         for image, question, shots in zip(images, questions, support):
             pairs = [(shot.question, shot.answer) for shot in shots]
-            prompts.append(self.processor.prompt_ids(task, question=question, support=pairs))
-            pixels += [shot.image for shot in shots] + [image]
+            own = upright([shot.image for shot in shots] + [image])
+            prompts.append(
+                self.processor.prompt_ids(task, question=question, support=pairs, image_sizes=sizes_of(own))
+            )
+            pixels += own
         return self._generate(prompts, pixels)
 
     @torch.no_grad()
@@ -180,7 +187,8 @@ class Predictor:
         prompts, images = [], []
         for messages in conversations:
             texts, own = conversation_inputs(messages)
-            prompts.append(self.processor.messages_prompt_ids(texts))
+            own = upright(own)
+            prompts.append(self.processor.messages_prompt_ids(texts, image_sizes=sizes_of(own)))
             images += own
         return self._generate(prompts, images, streamer=streamer)
 
@@ -198,15 +206,17 @@ class Predictor:
             markers = document.count(IMAGE_TOKEN)
             if markers != len(images):
                 raise InputError(f"the document has {markers} <image> marker(s) for {len(images)} image(s)")
-            prompts.append(self.processor.document_prompt_ids(document))
+            images = upright(images)
+            prompts.append(self.processor.document_prompt_ids(document, image_sizes=sizes_of(images)))
             pixels += images
         return self._generate(prompts, pixels)
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The encoder's input ``(N, 3, H, W)`` for PIL images in any mode, each converted as the
-        CLI and the server convert files (``upright_rgb``: EXIF orientation, transparency on
-        white, palettes looked up), then resized and normalised as the model was trained."""
-        return torch.stack([self.transform(upright_rgb(image)[0]) for image in images])
+        """The encoder's input ``(N_tiles, 3, H, W)`` for PIL images in any mode, each converted
+        as the CLI and the server convert files (``upright_rgb``: EXIF orientation, transparency
+        on white, palettes looked up), cut into the model's tiles (one per image without
+        tiling), then resized and normalised as the model was trained."""
+        return tile_pixels(upright(images), self.processor.tiling, self.transform)[0]
 
     def _generate(self, prompts: list[list[int]], images: list[Image.Image], streamer=None) -> list[str]:
         too_long = max(len(p) for p in prompts)
@@ -215,15 +225,26 @@ class Predictor:
                 f"a prompt of {too_long} tokens is longer than max_length={self.processor.max_length}"
             )
         batch = self.processor.pad([{"input_ids": p} for p in prompts], side="left")
+        pixels, sizes = tile_pixels(images, self.processor.tiling, self.transform) if images else (None, None)
         new = generate(
             self.model,
             batch["input_ids"].to(self.device),
             batch["attention_mask"].to(self.device),
-            self.pixel_values(images).to(self.device) if images else None,
+            None if pixels is None else pixels.to(self.device),
             self.generation,
+            image_sizes=torch.tensor(sizes) if sizes and self.processor.tiling.splits else None,
             streamer=streamer,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def upright(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """Images in RGB and upright (``upright_rgb``), before their sizes are read."""
+    return [upright_rgb(image)[0] for image in images]
+
+
+def sizes_of(images: Sequence[Image.Image]) -> list[tuple[int, int]]:
+    return [(image.height, image.width) for image in images]
 
 
 def _ids(value: int | list[int] | None) -> list[int]:

@@ -28,6 +28,7 @@ def test_save_pretrained_keeps_the_processor_settings(tmp_path):
         "templates": {"caption": "{images}"},
         "chat": None,
         "conversation": "auto",
+        "tiling": {"name": "none"},
     }
     assert from_pretrained(tmp_path).config.processor == config.processor
 

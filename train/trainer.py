@@ -31,6 +31,7 @@ from vlm.processor import IMAGE_TOKEN, Processor
 from vlm.schema import ConfigError
 from vlm.train.checkpoint import (
     PREFIX,
+    CheckpointSpaceError,
     checkpoints,
     gather_model_state,
     is_sharded,
@@ -53,6 +54,7 @@ MODEL_INPUTS = (
     "labels",
     "image_features",
     "image_index",
+    "image_sizes",
     "segment_ids",
     "sample_ids",
 )
@@ -186,7 +188,8 @@ def make_train_loader(
         pack_length=data.pack_length,
         shuffle_buffer=data.shuffle_buffer,
         max_bad_fraction=data.max_bad_fraction,
-        draft_size=model.encoder.image_size if data.draft_decode else None,
+        # Tiles see more of an image than one view: decode it in full.
+        draft_size=model.encoder.image_size if data.draft_decode and not model.tiling.splits else None,
         seed=recipe.run.seed,
         **shard_rank,
     )
@@ -285,10 +288,17 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
     prepare_data(recipe, env)
     tokenizer = recipe_tokenizer(recipe.data.tokenizer)
     model = build_training_model(recipe, tokenizer).to(env.device)
-    processor = Processor(tokenizer, tokens_per_image=model.tokens_per_image, config=model.config.processor)
+    processor = Processor(
+        tokenizer, tokens_per_image=model.tokens_per_image, config=model.config.processor, tiling=model.tiling
+    )
     shards = recipe.data.train
     if not shards:
         raise ConfigError("data.train names no shards; set it in the recipe or with --set data.train=...")
+    if run.cache_features and model.tiling.splits:
+        raise ConfigError(
+            f"run.cache_features does not take images cut into tiles yet (processor.tiling "
+            f"{model.config.processor.tiling.name!r}); set run.cache_features=false"
+        )
     if run.cache_features:  # before wrapping: it runs the encoder on its own
         if env.is_main:
             build_feature_cache(
@@ -328,16 +338,19 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
             "position": stream.position,
             "skipped_steps": state["skipped_steps"],
         }
-        return save_checkpoint(
-            out,
-            state["step"],
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=position,
-            keep=run.keep_last,
-            write=env.is_main,
-        )
+        try:
+            return save_checkpoint(
+                out,
+                state["step"],
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state=position,
+                keep=run.keep_last,
+                write=env.is_main,
+            )
+        except CheckpointSpaceError as err:  # the earlier checkpoints are intact
+            raise TrainingError(f"stopped at step {state['step']}: {err}") from None
 
     bar = tqdm(
         total=run.max_steps, initial=state["step"], desc="train", disable=not (progress and env.is_main)

@@ -14,8 +14,9 @@ from typing import Any
 import vlm.bridges  # noqa: F401  (fills the registries that parse the parts)
 import vlm.decoders  # noqa: F401
 import vlm.encoders  # noqa: F401
+import vlm.tiling  # noqa: F401
 from vlm.conversation import CONVERSATIONS
-from vlm.registry import BRIDGES, DECODERS, ENCODERS
+from vlm.registry import BRIDGES, DECODERS, ENCODERS, TILINGS
 from vlm.schema import ConfigError, parse_dataclass, to_dict
 
 #: How an image becomes the encoder's square input (see ``vlm.data.transforms``).
@@ -38,6 +39,9 @@ class ProcessorConfig:
         conversation: how conversations are rendered (``vlm.conversation``): ``"auto"`` (the
             tokenizer's chat template when it has one, else ``"vicuna_v1"``),
             ``"chat_template"``, ``"plain"`` (LLaVA's stage 1) or ``"vicuna_v1"`` (its stage 2).
+        tiling: how an image becomes the encoder's tiles (``vlm.tiling``): ``{"name": "none"}``
+            (one square view), ``"anyres"`` (LLaVA-NeXT / OneVision grids) or ``"split"``
+            (Idefics3 / SmolVLM).
     """
 
     max_length: int = 512
@@ -45,8 +49,10 @@ class ProcessorConfig:
     templates: dict[str, str] = field(default_factory=dict)
     chat: bool | None = None
     conversation: str = "auto"
+    tiling: Any = field(default_factory=lambda: TILINGS.parse({"name": "none"}))
 
     def __post_init__(self) -> None:
+        self.tiling = TILINGS.parse(self.tiling)
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"processor.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.max_length < 1:

@@ -61,6 +61,7 @@ class _Steps:
         attention_mask: Tensor,
         pixel_values: Tensor | None,
         config: GenerationConfig,
+        image_sizes: Tensor | None = None,
     ):
         self.model, self.cache = model, config.use_cache
         self.input_ids, self.mask = input_ids, attention_mask
@@ -72,19 +73,22 @@ class _Steps:
         # The uncached path re-reads each row's images every step; beam search reorders rows,
         # so the images are kept per row.
         self.features = model.encode_pixels(pixel_values) if pixel_values is not None else None
-        counts = (input_ids == model.image_token_id).sum(1) // model.tokens_per_image
-        starts = counts.cumsum(0) - counts
-        self.row_images = [torch.arange(int(s), int(s + c)) for s, c in zip(starts, counts)]
+        self.sizes = image_sizes
+        # Each row's images (their sizes' rows) and tiles (their features' rows).
+        self.row_images, self.row_tiles = image_rows(model, input_ids, image_sizes)
 
-    def _row_features(self) -> Tensor | None:
+    def _row_features(self) -> tuple[Tensor | None, Tensor | None]:
         if self.features is None:
-            return None
-        return self.features[torch.cat(self.row_images).to(self.features.device)]
+            return None, None
+        features = self.features[torch.cat(self.row_tiles).to(self.features.device)]
+        return features, None if self.sizes is None else self.sizes[torch.cat(self.row_images)]
 
     def first(self) -> Tensor:
         if not self.cache:
             return self._full()
-        embeds, _ = self.model.prepare_inputs(self.input_ids, image_features=self.features)
+        embeds, _ = self.model.prepare_inputs(
+            self.input_ids, image_features=self.features, image_sizes=self.sizes
+        )
         self.past = self._new_cache()
         out = self.model.decoder(
             embeds,
@@ -103,7 +107,8 @@ class _Steps:
         return DynamicCache()
 
     def _full(self) -> Tensor:
-        embeds, _ = self.model.prepare_inputs(self.input_ids, image_features=self._row_features())
+        features, sizes = self._row_features()
+        embeds, _ = self.model.prepare_inputs(self.input_ids, image_features=features, image_sizes=sizes)
         out = self.model.decoder(
             embeds,
             attention_mask=self.mask,
@@ -131,9 +136,42 @@ class _Steps:
         """Keeps rows ``rows`` (beam search), in that order."""
         self.input_ids, self.mask = self.input_ids[rows], self.mask[rows]
         self.row_images = [self.row_images[r] for r in rows.tolist()]
+        self.row_tiles = [self.row_tiles[r] for r in rows.tolist()]
         self.model.bridge.select_rows(rows)
         if self.past is not None:
             self.past.reorder_cache(rows)
+
+
+def image_rows(model, input_ids: Tensor, image_sizes: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Which of the prompts' images (reading order) and which of their tiles each row holds,
+    from its placeholders: an image of size ``s`` takes ``model.tiling.num_tokens(s)``."""
+    placeholders = (input_ids == model.image_token_id).sum(1).tolist()
+    if image_sizes is None:  # one tile per image, tokens_per_image each
+        counts = [p // model.tokens_per_image for p in placeholders]
+        tiles_of = [1] * sum(counts)
+    else:
+        sizes = [tuple(s) for s in image_sizes.tolist()]
+        tokens = [model.tiling.num_tokens(s) for s in sizes]
+        tiles_of = [model.tiling.num_tiles(s) for s in sizes]
+        counts, image = [], 0
+        for row, p in enumerate(placeholders):
+            start = image
+            while p > 0 and image < len(tokens):
+                p -= tokens[image]
+                image += 1
+            if p != 0:
+                raise ValueError(
+                    f"row {row}'s image placeholders do not match its images' sizes; build the "
+                    "prompts with the model's processor and the same image_sizes"
+                )
+            counts.append(image - start)
+    images, tiles, first_image, first_tile = [], [], 0, 0
+    for count in counts:
+        own = sum(tiles_of[first_image : first_image + count])
+        images.append(torch.arange(first_image, first_image + count))
+        tiles.append(torch.arange(first_tile, first_tile + own))
+        first_image, first_tile = first_image + count, first_tile + own
+    return images, tiles
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -205,6 +243,7 @@ def generate(
     pixel_values: Tensor | None = None,
     config: GenerationConfig | None = None,
     *,
+    image_sizes: Tensor | None = None,
     streamer: Callable[[Tensor], None] | None = None,
     **overrides,
 ) -> Tensor:
@@ -213,7 +252,9 @@ def generate(
     Args:
         model: a ``VisionLanguageModel``.
         input_ids, attention_mask: ``(B, T)`` prompts, padded on the left.
-        pixel_values: ``(N_img, 3, H, W)``, the prompts' images in reading order.
+        pixel_values: ``(N_img, 3, H, W)``, the prompts' images in reading order (their tiles,
+            when the model's tiling cuts them; see ``image_sizes``).
+        image_sizes: ``(N_img, 2)`` each image's ``(height, width)``, for a tiling model.
         config, overrides: a :class:`GenerationConfig` and/or its fields as keywords.
         streamer: called with each step's new tokens ``(B,)`` as soon as they are chosen
             (not with beam search, whose tokens are only known at the end).
@@ -235,17 +276,17 @@ def generate(
     model.eval()
     try:
         if config.num_beams > 1:
-            return _beam_search(model, input_ids, attention_mask, pixel_values, config)
-        return _sample(model, input_ids, attention_mask, pixel_values, config, streamer)
+            return _beam_search(model, input_ids, attention_mask, pixel_values, config, image_sizes)
+        return _sample(model, input_ids, attention_mask, pixel_values, config, streamer, image_sizes)
     finally:
         model.train(was_training)
         model.bridge.release()
 
 
 def _sample(
-    model, input_ids, attention_mask, pixel_values, config: GenerationConfig, streamer=None
+    model, input_ids, attention_mask, pixel_values, config: GenerationConfig, streamer=None, image_sizes=None
 ) -> Tensor:
-    steps = _Steps(model, input_ids, attention_mask, pixel_values, config)
+    steps = _Steps(model, input_ids, attention_mask, pixel_values, config, image_sizes)
     eos = _eos(config, input_ids.device)
     generator = None
     if config.do_sample and config.seed is not None:
@@ -277,7 +318,9 @@ def _sample(
     return torch.stack(new, dim=1)
 
 
-def _beam_search(model, input_ids, attention_mask, pixel_values, config: GenerationConfig) -> Tensor:
+def _beam_search(
+    model, input_ids, attention_mask, pixel_values, config: GenerationConfig, image_sizes=None
+) -> Tensor:
     """Beam search as transformers' ``generate(num_beams=K)`` does it (``early_stopping=False``).
 
     Each step ranks the continuations of a prompt's K live beams and keeps the ``2K`` best (more
@@ -293,7 +336,7 @@ def _beam_search(model, input_ids, attention_mask, pixel_values, config: Generat
         return input_ids.new_zeros(B, 0)
     eos = _eos(config, device)
     width = max(2, 1 + len(eos)) * K  # enough candidates that K of them are still live
-    steps = _Steps(model, input_ids, attention_mask, pixel_values, config)
+    steps = _Steps(model, input_ids, attention_mask, pixel_values, config, image_sizes)
     logits = steps.first()  # images are encoded once per prompt, then rows are repeated
     rows = torch.arange(B, device=device).repeat_interleave(K)
     steps.reorder(rows)

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from vlm.config import ModelConfig
 from vlm.loss import IGNORE_INDEX, cross_entropy
 from vlm.packing import packed_mask
-from vlm.registry import BRIDGES, DECODERS, ENCODERS
+from vlm.registry import BRIDGES, DECODERS, ENCODERS, TILINGS
+from vlm.schema import ConfigError
 from vlm.weights import save_pretrained
 
 
@@ -45,7 +46,19 @@ class VisionLanguageModel(nn.Module):
         self.config = config
         self.encoder, self.bridge, self.decoder = encoder, bridge, decoder
         self.image_token_id = decoder.image_token_id
-        self.tokens_per_image = bridge.tokens_per_image(encoder.num_tokens)
+        self.tokens_per_image = bridge.tokens_per_image(encoder.num_tokens)  # per tile
+        self.tiling = TILINGS.build(
+            config.processor.tiling,
+            tile_size=encoder.image_size,
+            tokens_per_tile=self.tokens_per_image,
+            grid=bridge.token_grid(encoder.num_tokens),
+            text_dim=decoder.hidden_size,
+        )
+        if self.tiling.splits and not bridge.takes_tiles:
+            raise ConfigError(
+                f"processor.tiling {config.processor.tiling.name!r} cuts images into several tiles, "
+                f"which {type(bridge).__name__} does not take yet; use tiling 'none'"
+            )
         # transformers 5 renamed the flag; the old name still works but warns.
         lm_type = type(decoder.lm)
         self._checkpointing_flag = (
@@ -78,6 +91,7 @@ class VisionLanguageModel(nn.Module):
         image_features: Tensor | None = None,
         image_index: Tensor | None = None,
         image_attention_mask: Tensor | None = None,
+        image_sizes: Tensor | None = None,
         segment_ids: Tensor | None = None,
         sample_ids: Tensor | None = None,
         loss_reduction: str = "mean",
@@ -97,6 +111,9 @@ class VisionLanguageModel(nn.Module):
             image_index: when examples share images, ``pixel_values`` (or ``image_features``)
                 may hold each distinct image once and ``image_index`` ``(N_img,)`` pick the
                 row of every image in reading order: each image is encoded once.
+            image_sizes: ``(N_img, 2)`` each image's original ``(height, width)`` in reading
+                order, when the tiling cuts images into tiles: ``pixel_values`` (and
+                ``image_index``) then hold tiles, each image's in the order the tiling cut them.
             image_attention_mask: IDEFICS-style inputs for a cross-attention bridge:
                 ``pixel_values`` ``(B, n_img, 3, H, W)`` and this ``(B, T, n_img)`` mask of the image
                 each token attends to, instead of placeholders locating the images.
@@ -114,7 +131,13 @@ class VisionLanguageModel(nn.Module):
                 ``logits`` ``(B, K, vocab)`` hold those ``K`` positions only. Training uses it.
         """
         embeds, is_image = self.prepare_inputs(
-            input_ids, pixel_values, image_features, image_index, image_attention_mask, sample_ids
+            input_ids,
+            pixel_values,
+            image_features,
+            image_index,
+            image_attention_mask,
+            sample_ids,
+            image_sizes,
         )
         keep = None
         if labels is not None:
@@ -155,6 +178,7 @@ class VisionLanguageModel(nn.Module):
         image_index: Tensor | None = None,
         image_attention_mask: Tensor | None = None,
         sample_ids: Tensor | None = None,
+        image_sizes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The LM's input embeddings for ``input_ids`` with the images in place.
 
@@ -174,6 +198,13 @@ class VisionLanguageModel(nn.Module):
         visual = self._bridge(image_features) if image_features is not None else None
         if visual is not None and image_index is not None:
             visual = visual[image_index]  # encoded once, placed wherever the image appears
+        if visual is not None and image_sizes is not None:
+            visual = self.tiling.arrange_all(visual, image_sizes)  # (placeholders, D)
+        elif visual is not None and self.tiling.splits:
+            raise ValueError(
+                f"this model cuts images into tiles ({self.config.processor.tiling.name!r}): pass "
+                "image_sizes, each image's (height, width), with the tiles' pixel_values"
+            )
         self._check_image_count(is_image, visual)
         return self.bridge.condition(embeds, visual, is_image, sample_ids), is_image
 
@@ -214,6 +245,14 @@ class VisionLanguageModel(nn.Module):
 
     def _check_image_count(self, is_image: Tensor, visual: Tensor | None) -> None:
         placeholders = int(is_image.sum())
+        if visual is not None and visual.ndim == 2:  # tiles arranged into each image's tokens
+            if placeholders != visual.shape[0]:
+                raise ValueError(
+                    f"input_ids hold {placeholders} image placeholder(s) (id {self.image_token_id}) "
+                    f"but the images' tiles give {visual.shape[0]} token(s); build the text with "
+                    "the model's processor, which expands each <image> for its image's size"
+                )
+            return
         images = 0 if visual is None else visual.shape[0]
         if placeholders != images * self.tokens_per_image:
             raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,9 @@ import torch
 from vlm.config import ProcessorConfig
 from vlm.conversation import EOS, Piece, chat_template_pieces, conversation_template, render_chat
 from vlm.model import IGNORE_INDEX
+from vlm.registry import TILINGS
 from vlm.schema import ConfigError
+from vlm.tiling.base import Size, Tiling
 
 IMAGE_TOKEN = "<image>"
 TOKEN_CACHE_SIZE = 1 << 16  # texts whose ids a processor remembers
@@ -31,7 +33,10 @@ class Processor:
 
     Args:
         tokenizer: a transformers tokenizer holding the ``<image>`` special token.
-        tokens_per_image: placeholders per image (``model.tokens_per_image``).
+        tokens_per_image: placeholders per image, or per tile (``model.tokens_per_image``).
+        tiling: how images are cut into tiles and how many placeholders each takes
+            (``model.tiling``); needed when ``config.tiling`` cuts images into tiles. The
+            methods then take ``image_sizes``, each image's ``(height, width)`` in reading order.
         config: the settings (``model.config.processor`` for a model's own); ``overrides``
             replace some of its fields (``max_length=...``, ``templates=...``, ``chat=...``).
             Longer samples than ``max_length`` are counted in ``truncated``; those that cannot
@@ -45,9 +50,18 @@ class Processor:
         tokens_per_image: int,
         config: ProcessorConfig | None = None,
         image_token: str = IMAGE_TOKEN,
+        tiling: Tiling | None = None,
         **overrides: Any,
     ):
         self.config = dataclasses.replace(config or ProcessorConfig(), **overrides)
+        if tiling is None:
+            if TILINGS.get(self.config.tiling).splits:
+                raise ConfigError(
+                    f"processor.tiling {self.config.tiling.name!r} needs the model's tiling: "
+                    "Processor(..., tiling=model.tiling)"
+                )
+            tiling = TILINGS.build(self.config.tiling, tile_size=0, tokens_per_tile=tokens_per_image)
+        self.tiling = tiling
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -98,11 +112,30 @@ class Processor:
             )
         return list(ids)
 
-    def _expand(self, ids: list[int]) -> list[int]:
-        """Each ``<image>`` token becomes ``tokens_per_image`` placeholders."""
+    def image_ids(self, size: Size | None) -> list[int]:
+        """What one ``<image>`` marker becomes for an image of ``size`` (its placeholders, and
+        the tiling's row and column markers)."""
+        if size is None and self.tiling.splits:
+            raise ValueError(
+                f"processor.tiling {self.config.tiling.name!r} needs each image's size: pass image_sizes"
+            )
+        text = self.tiling.image_text(size, self.image_token)
+        if text is None:
+            return [self.image_token_id] * self.tiling.num_tokens(size)
+        return self._ids(text, special=False)
+
+    def _expand(self, ids: list[int], sizes: Iterator[Size | None], spans: list | None = None) -> list[int]:
+        """Each ``<image>`` token becomes its image's :meth:`image_ids` (sizes taken in order);
+        ``spans`` collects each image's ``(start, end)`` in the result."""
         out: list[int] = []
         for token in ids:
-            out += [token] * self.tokens_per_image if token == self.image_token_id else [token]
+            if token != self.image_token_id:
+                out.append(token)
+                continue
+            image = self.image_ids(next(sizes, None))
+            if spans is not None:
+                spans.append((len(out), len(out) + len(image)))
+            out += image
         return out
 
     def _with_bos(self, ids: list[int]) -> list[int]:
@@ -116,6 +149,7 @@ class Processor:
         question: str | None = None,
         num_images: int = 1,
         support: Sequence[tuple[str | None, str]] = (),
+        image_sizes: Sequence[Size] | None = None,
     ) -> list[int]:
         """Token ids of the prompt with each ``<image>`` expanded to ``tokens_per_image`` placeholders.
 
@@ -136,7 +170,7 @@ class Processor:
             pieces = chat_template_pieces(
                 messages, self.image_token, add_generation_prompt=True, tokenizer=self.tokenizer
             )
-            return self._tokens(pieces)[0]
+            return self._tokens(pieces, image_sizes=image_sizes)[0]
         ids = self._ids(self.prompt(task, question=question, num_images=num_images), special=not self.chat)
         if not self.chat:
             shots: list[int] = []
@@ -146,38 +180,73 @@ class Processor:
             bos = self.tokenizer.bos_token_id
             query = ids[1:] if ids and bos is not None and ids[0] == bos else ids
             ids = self._with_bos(shots + query)
-        return self._expand(ids)
+        return self._expand(ids, iter(image_sizes or ()))
 
-    def _tokens(self, pieces: Sequence[Piece], *, bos: bool = False) -> tuple[list[int], list[int]]:
-        """Ids and labels of rendered pieces, each tokenized on its own (images expanded)."""
+    def _tokens(
+        self,
+        pieces: Sequence[Piece],
+        *,
+        bos: bool = False,
+        image_sizes: Sequence[Size] | None = None,
+        spans: list | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """Ids and labels of rendered pieces, each tokenized on its own (images expanded;
+        ``spans`` collects where each image's tokens are)."""
         ids = self._with_bos([]) if bos else []
         labels = [IGNORE_INDEX] * len(ids)
+        sizes = iter(image_sizes or ())
         for text, labelled in pieces:
             if text is EOS:
                 piece = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
             else:
-                piece = self._expand(self._ids(text, special=False))
+                own: list = []
+                piece = self._expand(self._ids(text, special=False), sizes, own)
+                if spans is not None:
+                    spans += [(len(ids) + a, len(ids) + b) for a, b in own]
             ids += piece
             labels += [t if labelled and t != self.image_token_id else IGNORE_INDEX for t in piece]
         return ids, labels
 
-    def _conversation(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool):
+    def _conversation(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool,
+        image_sizes: Sequence[Size] | None = None,
+        spans: list | None = None,
+    ):
         pieces = self.conversation(
             messages, self.image_token, add_generation_prompt=add_generation_prompt, tokenizer=self.tokenizer
         )
-        return self._tokens(pieces, bos=self.conversation is not chat_template_pieces)
+        bos = self.conversation is not chat_template_pieces
+        return self._tokens(pieces, bos=bos, image_sizes=image_sizes, spans=spans)
 
-    def encode_messages(self, messages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    def encode_messages(
+        self, messages: Sequence[dict[str, Any]], *, image_sizes: Sequence[Size] | None = None
+    ) -> dict[str, Any] | None:
         """A conversation (``[{"role", "content"}]``, ``<image>`` where each image goes) as
         ``input_ids`` and ``labels`` on the assistant turns only, cut to ``max_length`` (see
         :meth:`fit`); ``num_images`` is how many of its images are left."""
-        return self.fit(*self._conversation(messages, add_generation_prompt=False))
+        spans: list = []
+        ids, labels = self._conversation(
+            messages, add_generation_prompt=False, image_sizes=image_sizes, spans=spans
+        )
+        return self.fit(ids, labels, spans)
 
-    def messages_prompt_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def messages_prompt_ids(
+        self, messages: Sequence[dict[str, Any]], *, image_sizes: Sequence[Size] | None = None
+    ) -> list[int]:
         """The ids that make the model answer the conversation's last user turn."""
-        return self._conversation(messages, add_generation_prompt=True)[0]
+        return self._conversation(messages, add_generation_prompt=True, image_sizes=image_sizes)[0]
 
-    def _document(self, document: str, *, prompt: bool) -> tuple[list[int], list[int]]:
+    def _document(
+        self,
+        document: str,
+        *,
+        prompt: bool,
+        image_sizes: Sequence[Size] | None = None,
+        spans: list | None = None,
+    ) -> tuple[list[int], list[int]]:
         chunks = document.split(self.image_token)
         pieces: list[Piece] = []
         for k, chunk in enumerate(chunks):
@@ -187,39 +256,53 @@ class Processor:
                 pieces.append((chunk.strip(), True))
                 if not (prompt and k == len(chunks) - 1):  # a prompt's last text goes on
                     pieces.append((EOS, True))
-        return self._tokens(pieces, bos=True)
+        return self._tokens(pieces, bos=True, image_sizes=image_sizes, spans=spans)
 
-    def encode_document(self, document: str) -> dict[str, Any] | None:
+    def encode_document(
+        self, document: str, *, image_sizes: Sequence[Size] | None = None
+    ) -> dict[str, Any] | None:
         """An interleaved document (text with ``<image>`` markers) with the loss on its text:
         every text chunk ends with EOS, as Flamingo ends each chunk before the next image
         (``<|endofchunk|>``). Cut to ``max_length`` (see :meth:`fit`)."""
-        return self.fit(*self._document(document, prompt=False))
+        spans: list = []
+        ids, labels = self._document(document, prompt=False, image_sizes=image_sizes, spans=spans)
+        return self.fit(ids, labels, spans)
 
-    def document_prompt_ids(self, document: str) -> list[int]:
+    def document_prompt_ids(self, document: str, *, image_sizes: Sequence[Size] | None = None) -> list[int]:
         """The ids of a document to continue: a few-shot prompt such as ``"<image>red<image>"``."""
-        return self._document(document, prompt=True)[0]
+        return self._document(document, prompt=True, image_sizes=image_sizes)[0]
 
-    def fit(self, ids: list[int], labels: list[int]) -> dict[str, Any] | None:
-        """``ids`` cut to ``max_length``, never inside an image's placeholders (the cut moves to
-        before that image, and ``num_images`` says how many images remain). ``None`` when no
-        label is left (counted in ``dropped["no_label"]``)."""
-        starts = [i for i, t in enumerate(ids) if t == self.image_token_id][:: self.tokens_per_image]
+    def fit(
+        self, ids: list[int], labels: list[int], spans: Sequence[tuple[int, int]] | None = None
+    ) -> dict[str, Any] | None:
+        """``ids`` cut to ``max_length``, never inside an image's tokens (``spans``: each image's
+        ``(start, end)``; the cut moves to before that image, and ``num_images`` says how many
+        images remain). ``None`` when no label is left (counted in ``dropped["no_label"]``)."""
+        if spans is None:  # one run of tokens_per_image placeholders per image
+            starts = [i for i, t in enumerate(ids) if t == self.image_token_id][:: self.tokens_per_image]
+            spans = [(s, s + self.tokens_per_image) for s in starts]
         cut = len(ids)
         if cut > self.max_length:
             self.truncated += 1
             cut = self.max_length
-            cut = next((s for s in starts if s < cut < s + self.tokens_per_image), cut)
+            cut = next((start for start, end in spans if start < cut < end), cut)
         if all(label == IGNORE_INDEX for label in labels[1:cut]):  # position 0 is never predicted
             self.dropped["no_label"] += 1
             return None
-        kept = sum(s + self.tokens_per_image <= cut for s in starts)
+        kept = sum(end <= cut for _, end in spans)
         return {"input_ids": ids[:cut], "labels": labels[:cut], "num_images": kept}
 
     def _parts(
-        self, task: str, *, question: str | None, answer: str | None, num_images: int
+        self,
+        task: str,
+        *,
+        question: str | None,
+        answer: str | None,
+        num_images: int,
+        image_sizes: Sequence[Size] | None = None,
     ) -> tuple[list[int], list[int]]:
         """The prompt's ids and the answer's (with EOS), untruncated."""
-        prompt = self.prompt_ids(task, question=question, num_images=num_images)
+        prompt = self.prompt_ids(task, question=question, num_images=num_images, image_sizes=image_sizes)
         return prompt, [] if answer is None else self._answer_ids(answer)
 
     def _answer_ids(self, answer: str) -> list[int]:
@@ -227,11 +310,19 @@ class Processor:
         return self._ids(answer, special=False) + ([] if eos is None else [eos])
 
     def encode(
-        self, task: str, *, question: str | None = None, answer: str | None = None, num_images: int = 1
+        self,
+        task: str,
+        *,
+        question: str | None = None,
+        answer: str | None = None,
+        num_images: int = 1,
+        image_sizes: Sequence[Size] | None = None,
     ) -> dict[str, list[int]] | None:
         """``input_ids`` and ``labels`` (prompt masked with -100); ``None`` when even the prompt
         does not fit in ``max_length`` (counted in ``truncated``)."""
-        prompt, answer_ids = self._parts(task, question=question, answer=answer, num_images=num_images)
+        prompt, answer_ids = self._parts(
+            task, question=question, answer=answer, num_images=num_images, image_sizes=image_sizes
+        )
         ids = prompt + answer_ids
         if len(ids) > self.max_length:
             self.truncated += 1
@@ -242,7 +333,7 @@ class Processor:
         return {"input_ids": ids, "labels": labels}
 
     def encode_turns(
-        self, turns: list[dict[str, Any]], *, num_images: int = 1
+        self, turns: list[dict[str, Any]], *, num_images: int = 1, image_sizes: Sequence[Size] | None = None
     ) -> dict[str, list[int]] | None:
         """Several (task, question, answer) turns about the same images in one sequence that
         shares the image prefix: ``prefix + turn_1 + turn_2 + ...``.
@@ -260,7 +351,13 @@ class Processor:
         when not even the first fits.
         """
         parts = [
-            self._parts(t["task"], question=t.get("question"), answer=t["answer"], num_images=num_images)
+            self._parts(
+                t["task"],
+                question=t.get("question"),
+                answer=t["answer"],
+                num_images=num_images,
+                image_sizes=image_sizes,
+            )
             for t in turns
         ]
         first_prompt = parts[0][0]
@@ -274,7 +371,11 @@ class Processor:
         order = sorted(range(len(turns)), key=lambda i: len(parts[i][0]) > prefix)  # stable
         head = turns[order[0]]
         first = self.encode(
-            head["task"], question=head.get("question"), answer=head["answer"], num_images=num_images
+            head["task"],
+            question=head.get("question"),
+            answer=head["answer"],
+            num_images=num_images,
+            image_sizes=image_sizes,
         )
         if first is None:
             return None

@@ -1,4 +1,4 @@
-"""Name registries for encoders, bridges and decoders.
+"""Name registries for encoders, bridges, decoders and tilings.
 
 Adding a part is one file that decorates its class with ``@register_encoder("name", Config)``
 (or ``register_bridge`` / ``register_decoder``) plus one import line in its package.
@@ -62,7 +62,9 @@ class Registry:
 ENCODERS = Registry("encoder")
 BRIDGES = Registry("bridge")
 DECODERS = Registry("decoder")
+TILINGS = Registry("tiling")
 
 register_encoder = ENCODERS.register
 register_bridge = BRIDGES.register
 register_decoder = DECODERS.register
+register_tiling = TILINGS.register

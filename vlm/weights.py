@@ -30,6 +30,7 @@ from vlm.schema import ConfigError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 BRIDGE_FILE = "bridge.safetensors"
+TILING_PREFIX = "tiling."  # the tiling's weights in a bridge-only file
 
 
 def save_pretrained(
@@ -63,7 +64,13 @@ def save_pretrained(
             if state_dict is not None
             else model.bridge.state_dict()
         )
-        save_file({k: v.contiguous() for k, v in bridge.items()}, path / BRIDGE_FILE)
+        # A tiling's learned embeddings (AnyRes' newline) are part of the connector too.
+        tiling = (
+            {k: v for k, v in state_dict.items() if k.startswith(TILING_PREFIX)}
+            if state_dict is not None
+            else {TILING_PREFIX + k: v for k, v in model.tiling.state_dict().items()}
+        )
+        save_file({k: v.contiguous() for k, v in {**bridge, **tiling}.items()}, path / BRIDGE_FILE)
         (path / WEIGHTS_FILE).unlink(missing_ok=True)
     else:
         config = _self_contained(model)
@@ -109,7 +116,9 @@ def load_weights(model: nn.Module, path: str | Path, *, assign: bool = False) ->
     if file.name == WEIGHTS_FILE:
         _load(lambda: _load_full(model, weights, assign=assign), file)
     else:
-        _load(lambda: model.bridge.load_state_dict(weights), file)
+        tiling = {k.removeprefix(TILING_PREFIX): v for k, v in weights.items() if k.startswith(TILING_PREFIX)}
+        bridge = {k: v for k, v in weights.items() if not k.startswith(TILING_PREFIX)}
+        _load(lambda: (model.bridge.load_state_dict(bridge), model.tiling.load_state_dict(tiling)), file)
 
 
 def load_covering(module, weights: dict[str, Any], *, assign: bool = False) -> tuple[list[str], list[str]]:

@@ -35,9 +35,18 @@ from vlm.packing import run_starts
 class Bridge(nn.Module):
     """Connects an image encoder to a language decoder."""
 
+    #: Whether images cut into several tiles can go through it (``vlm.tiling``).
+    takes_tiles = True
+
     def tokens_per_image(self, num_features: int) -> int:
         """Placeholders one image takes in ``input_ids`` given ``num_features`` encoder tokens."""
         raise NotImplementedError
+
+    def token_grid(self, num_features: int) -> tuple[int, int] | None:
+        """One image's output tokens as a row-major ``(rows, cols)`` grid of the picture, or
+        ``None`` when they are not spatial (queries, latents): tilings that lay tiles out in
+        space (AnyRes) need one."""
+        return None
 
     def forward(self, features: Tensor) -> Tensor:
         """``(N_img, N, Dv)`` image features to the bridge's output for each image."""
@@ -157,6 +166,7 @@ class CrossAttentionBridge(Bridge):
     """
 
     blocks: nn.ModuleDict
+    takes_tiles = False  # one image's tiles as one image's media: not yet
 
     def __init__(self) -> None:
         super().__init__()

@@ -51,6 +51,12 @@ class Projector(PrefixBridge):
         self._grid(num_features)
         return num_features // self.config.merge**2
 
+    def token_grid(self, num_features: int) -> tuple[int, int] | None:
+        side = math.isqrt(num_features)
+        if side * side != num_features:  # a class token among the patches
+            return None
+        return side // self.config.merge, side // self.config.merge
+
     def _grid(self, num_features: int) -> int:
         side, m = round(math.sqrt(num_features)), self.config.merge
         if m > 1 and (side * side != num_features or side % m):
