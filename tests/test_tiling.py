@@ -48,7 +48,9 @@ def hf_next_processor():
 
 
 def anyres(**options):
-    return AnyRes(AnyResConfig(pinpoints=PINPOINTS, **options), tile_size=TILE, tokens_per_tile=16, grid=(4, 4))
+    return AnyRes(
+        AnyResConfig(pinpoints=PINPOINTS, **options), tile_size=TILE, tokens_per_tile=16, grid=(4, 4)
+    )
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -68,7 +70,10 @@ def test_anyres_token_count_is_llava_next_processors(size):
     from vlm.data.shapes import tokenizer
 
     processor = transformers.LlavaNextProcessor(
-        image_processor=hf_next_processor(), tokenizer=tokenizer(), patch_size=8, num_additional_image_tokens=0
+        image_processor=hf_next_processor(),
+        tokenizer=tokenizer(),
+        patch_size=8,
+        num_additional_image_tokens=0,
     )
     theirs = processor._get_number_of_features(*size, TILE, TILE)
     assert anyres().num_tokens(size) == theirs
@@ -76,15 +81,25 @@ def test_anyres_token_count_is_llava_next_processors(size):
 
 def tiny_llava_next():
     vision = transformers.CLIPVisionConfig(
-        image_size=TILE, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        image_size=TILE,
+        patch_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
         num_attention_heads=2,
     )
     text = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
         num_key_value_heads=2,
     )
     config = transformers.LlavaNextConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=PINPOINTS,
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_grid_pinpoints=PINPOINTS,
         image_token_index=63,
     )
     return transformers.LlavaNextModel(config).eval()
@@ -97,7 +112,10 @@ def test_anyres_arrangement_is_llava_next_packing(max_features):
     hf = tiny_llava_next()
     tiling = AnyRes(
         AnyResConfig(pinpoints=PINPOINTS, max_tiles_features=max_features),
-        tile_size=TILE, tokens_per_tile=16, grid=(4, 4), text_dim=16,
+        tile_size=TILE,
+        tokens_per_tile=16,
+        grid=(4, 4),
+        text_dim=16,
     )
     with torch.no_grad():
         tiling.image_newline.copy_(hf.image_newline)
@@ -116,7 +134,10 @@ def test_anyres_arrangement_is_llava_next_packing(max_features):
         with torch.no_grad():
             onevision.image_newline.copy_(hf.image_newline)
         theirs, lengths = onevision.pack_image_features(
-            features, sizes, image_newline=onevision.image_newline, vision_aspect_ratio=f"anyres_max_{max_features}"
+            features,
+            sizes,
+            image_newline=onevision.image_newline,
+            vision_aspect_ratio=f"anyres_max_{max_features}",
         )
     ours = torch.cat([tiling.arrange(f, tuple(s)) for f, s in zip(features, SIZES)])
     theirs = torch.cat(theirs) if isinstance(theirs, list) else theirs
@@ -154,7 +175,11 @@ def test_split_text_is_idefics3_processors(size):
     image_processor = hf_idefics3_processor()
     image_inputs = image_processor(images=[[picture(*size)]], return_row_col_info=True)
     hf = transformers.Idefics3Processor.__new__(transformers.Idefics3Processor)
-    hf.fake_image_token, hf.image_token, hf.global_image_tag = "<fake_token_around_image>", "<image>", "<global-img>"
+    hf.fake_image_token, hf.image_token, hf.global_image_tag = (
+        "<fake_token_around_image>",
+        "<image>",
+        "<global-img>",
+    )
     hf.image_seq_len = 4
     assert split().image_text(size, "<image>") == hf.replace_image_token(image_inputs, 0)
 
@@ -215,8 +240,10 @@ def test_tiled_training_batch_matches_one_at_a_time(tiled_dir):
 
     model = from_pretrained(tiled_dir).eval()
     processor = Processor(
-        load_tokenizer(tiled_dir), tokens_per_image=model.tokens_per_image,
-        config=model.config.processor, tiling=model.tiling,
+        load_tokenizer(tiled_dir),
+        tokens_per_image=model.tokens_per_image,
+        config=model.config.processor,
+        tiling=model.tiling,
     )
     transform = image_transform(TILE, CLIP_MEAN, CLIP_STD)
     examples = []
@@ -231,7 +258,8 @@ def test_tiled_training_batch_matches_one_at_a_time(tiled_dir):
     with torch.no_grad():
         together = model(**{k: batch[k] for k in inputs}, loss_reduction="sum").loss
         alone = sum(
-            model(**{k: collate([e], processor)[k] for k in inputs}, loss_reduction="sum").loss for e in examples
+            model(**{k: collate([e], processor)[k] for k in inputs}, loss_reduction="sum").loss
+            for e in examples
         )
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
@@ -243,12 +271,18 @@ def test_truncation_never_cuts_an_images_tiles(tiled_dir):
     model = from_pretrained(tiled_dir)
     tokenizer = load_tokenizer(tiled_dir)
     sizes = [(40, 90), (100, 50)]
-    full = Processor(tokenizer, tokens_per_image=model.tokens_per_image, config=model.config.processor,
-                     tiling=model.tiling).encode_document("<image> red <image> blue circle", image_sizes=sizes)
+    full = Processor(
+        tokenizer, tokens_per_image=model.tokens_per_image, config=model.config.processor, tiling=model.tiling
+    ).encode_document("<image> red <image> blue circle", image_sizes=sizes)
     first = model.tiling.num_tokens(sizes[0])
     for max_length in range(first, len(full["input_ids"])):
-        processor = Processor(tokenizer, tokens_per_image=model.tokens_per_image, config=model.config.processor,
-                              tiling=model.tiling, max_length=max_length)
+        processor = Processor(
+            tokenizer,
+            tokens_per_image=model.tokens_per_image,
+            config=model.config.processor,
+            tiling=model.tiling,
+            max_length=max_length,
+        )
         encoded = processor.encode_document("<image> red <image> blue circle", image_sizes=sizes)
         if encoded is None:
             continue
@@ -263,9 +297,39 @@ def test_tiled_model_needs_image_sizes(tiled_dir):
     model = from_pretrained(tiled_dir).eval()
     ids = torch.full((1, model.tiling.num_tokens((40, 90))), model.image_token_id)
     pixels = torch.randn(model.tiling.num_tiles((40, 90)), 3, TILE, TILE)
-    with pytest.raises(ValueError, match="pass image_sizes"):
-        model(ids, pixels)
+    if model.config.processor.tiling.name == "anyres":  # the grid's layout needs the size
+        with pytest.raises(ValueError, match="pass image_sizes"):
+            model(ids, pixels)
+    else:  # split tiles are in order whatever the size (Idefics3's inputs carry none)
+        torch.testing.assert_close(
+            model(ids, pixels).logits, model(ids, pixels, image_sizes=torch.tensor([[40, 90]])).logits
+        )
     with pytest.raises(ValueError, match="tile\\(s\\) were given"):
         model(ids, pixels[:1], image_sizes=torch.tensor([[40, 90]]))
     out = generate(model, ids, pixel_values=pixels, image_sizes=torch.tensor([[40, 90]]), max_new_tokens=2)
     assert out.shape == (1, 2)
+
+
+def test_transformers_tiled_layouts_are_taken(tiled_dir):
+    """LLaVA-NeXT's 5-D pixel_values (zero-padded on the tile axis, with image_sizes) and
+    Idefics3's (all-zero padding images) give the logits of vlm's flat tiles."""
+    from vlm.hub import from_pretrained
+    from vlm.weights import load_tokenizer
+
+    model = from_pretrained(tiled_dir).eval()
+    processor = Processor(
+        load_tokenizer(tiled_dir),
+        tokens_per_image=model.tokens_per_image,
+        config=model.config.processor,
+        tiling=model.tiling,
+    )
+    transform = image_transform(TILE, CLIP_MEAN, CLIP_STD)
+    images = [picture(*s, seed=i) for i, s in enumerate(IMAGE_SIZES[:2])]
+    pixels, sizes = tile_pixels(images, model.tiling, transform)
+    ids = torch.tensor([processor.document_prompt_ids("<image> red <image>", image_sizes=sizes)])
+    flat = model(ids, pixels, image_sizes=torch.tensor(sizes)).logits
+    counts = [model.tiling.num_tiles(s) for s in sizes]
+    padded = torch.zeros(len(images), max(counts), *pixels.shape[1:])
+    for i, tiles in enumerate(pixels.split(counts)):
+        padded[i, : len(tiles)] = tiles
+    torch.testing.assert_close(model(ids, padded, image_sizes=torch.tensor(sizes)).logits, flat)

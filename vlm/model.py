@@ -114,6 +114,9 @@ class VisionLanguageModel(nn.Module):
             image_sizes: ``(N_img, 2)`` each image's original ``(height, width)`` in reading
                 order, when the tiling cuts images into tiles: ``pixel_values`` (and
                 ``image_index``) then hold tiles, each image's in the order the tiling cut them.
+                transformers' 5-D layouts are taken too (``Tiling.flatten_inputs``): LLaVA-NeXT's
+                ``(N_img, max_tiles, 3, H, W)`` with ``image_sizes``, Idefics3's ``(B, n, 3, H, W)``
+                with all-zero padding images.
             image_attention_mask: IDEFICS-style inputs for a cross-attention bridge:
                 ``pixel_values`` ``(B, n_img, 3, H, W)`` and this ``(B, T, n_img)`` mask of the image
                 each token attends to, instead of placeholders locating the images.
@@ -193,18 +196,15 @@ class VisionLanguageModel(nn.Module):
                 raise ValueError("image_index does not combine with image_attention_mask")
             visual = self._visual_per_row(pixel_values, image_features, image_attention_mask)
             return self.bridge.condition_from_mask(embeds, visual, image_attention_mask), is_image
+        if pixel_values is not None and pixel_values.ndim == 5:  # transformers' tiled layouts
+            pixel_values, image_sizes = self.tiling.flatten_inputs(pixel_values, image_sizes)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_pixels(pixel_values)
         visual = self._bridge(image_features) if image_features is not None else None
         if visual is not None and image_index is not None:
             visual = visual[image_index]  # encoded once, placed wherever the image appears
-        if visual is not None and image_sizes is not None:
+        if visual is not None and (image_sizes is not None or self.tiling.splits):
             visual = self.tiling.arrange_all(visual, image_sizes)  # (placeholders, D)
-        elif visual is not None and self.tiling.splits:
-            raise ValueError(
-                f"this model cuts images into tiles ({self.config.processor.tiling.name!r}): pass "
-                "image_sizes, each image's (height, width), with the tiles' pixel_values"
-            )
         self._check_image_count(is_image, visual)
         return self.bridge.condition(embeds, visual, is_image, sample_ids), is_image
 

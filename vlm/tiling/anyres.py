@@ -119,6 +119,18 @@ class AnyRes(Tiling):
         rows, cols = self.tile_grid(size)
         return 1 + rows * cols  # the base image first
 
+    def flatten_inputs(
+        self, pixel_values: Tensor, image_sizes: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """LLaVA-NeXT's ``(N_img, max_tiles, 3, H, W)``, zero-padded on the tile axis: each image's
+        own tiles, as its size says."""
+        if image_sizes is None:
+            raise ValueError(
+                "5-D pixel_values (LLaVA-NeXT's layout) need image_sizes, each image's (height, width)"
+            )
+        counts = [self.num_tiles(tuple(int(v) for v in s)) for s in image_sizes]
+        return torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts)]), image_sizes
+
     def cut(self, image: Image.Image) -> list[Tensor]:
         pixels = to_uint8(image)
         size = tuple(pixels.shape[-2:])

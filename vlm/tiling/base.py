@@ -79,8 +79,23 @@ class Tiling(nn.Module):
         """One image's tiles as the bridge gives them ``(n_tiles, M, D)`` to its ``(num_tokens, D)``."""
         return tiles.flatten(0, 1)
 
-    def arrange_all(self, visual: Tensor, sizes: Sequence[Size] | Tensor) -> Tensor:
+    def flatten_inputs(
+        self, pixel_values: Tensor, image_sizes: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """transformers' 5-D ``pixel_values`` ``(B, n, 3, H, W)`` to vlm's tiles ``(N_tiles, 3, H, W)``
+        and image sizes. Default: every entry is a tile; all-zero entries pad a batch (Idefics3's
+        padding images) and are dropped."""
+        tiles = pixel_values.flatten(0, 1)
+        real = tiles.flatten(1).ne(0).any(1)
+        return tiles[real], image_sizes
+
+    def arrange_all(self, visual: Tensor, sizes: Sequence[Size] | Tensor | None) -> Tensor:
         """The tiles of several images (reading order) to their placeholders' tokens, stacked."""
+        if sizes is None:
+            raise ValueError(
+                f"this model cuts images into tiles ({self.config.name!r}): pass image_sizes, each "
+                "image's (height, width), with the tiles' pixel_values"
+            )
         sizes = [tuple(int(v) for v in s) for s in sizes]
         counts = [self.num_tiles(s) for s in sizes]
         if sum(counts) != visual.shape[0]:

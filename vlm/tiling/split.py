@@ -122,6 +122,10 @@ class Split(Tiling):
         pixels = resize(pixels, *whole_tiles(tuple(pixels.shape[-2:]), self.tile_size), method)
         return [*grid_tiles(pixels, self.tile_size), resize(pixels, self.tile_size, self.tile_size, method)]
 
+    def arrange_all(self, visual: Tensor, sizes) -> Tensor:
+        # Tiles keep their tokens in order: the sizes only count them (Idefics3's inputs have none).
+        return visual.flatten(0, 1) if sizes is None else super().arrange_all(visual, sizes)
+
     def image_text(self, size: Size, image_token: str) -> str | None:
         if not self.config.markers:
             return None
