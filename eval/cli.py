@@ -102,6 +102,33 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--local-images", metavar="DIR", help="allow file:// URLs and paths to images inside DIR"
     )
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs")
+    serve.add_argument(
+        "--allow-private-image-hosts",
+        action="store_true",
+        help="let remote image URLs reach loopback, private, link-local and reserved addresses "
+        "(refused by default: they are the server's own network)",
+    )
+    serve.add_argument(
+        "--remote-image-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a whole remote image fetch may take, redirects included (default: 10)",
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting beyond the running batch; past it: 503 with Retry-After (default: 64)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="a request not finished S seconds after it was admitted gets 503 (default: 600; 0: none)",
+    )
     serve.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
     parser = add_subcommand(

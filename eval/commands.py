@@ -132,6 +132,10 @@ def serve_command(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens,
         local_images=Path(args.local_images) if args.local_images else None,
         remote_images=args.allow_remote_images,
+        remote_timeout_s=args.remote_image_timeout,
+        private_image_hosts=args.allow_private_image_hosts,
+        max_waiting=args.max_waiting,
+        request_timeout_s=args.request_timeout or None,
     )
     name = args.served_model_name or Path(args.model).resolve().name
     service = Service(predictor, model_name=name, limits=limits, max_batch_size=args.max_batch_size)

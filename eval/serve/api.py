@@ -12,7 +12,6 @@ import binascii
 import json
 import time
 import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlm.data.decode import BadSample, decode_image
+from vlm.eval.serve.fetch import FetchError, FetchPolicy, fetch
 
 
 class APIError(Exception):
@@ -35,9 +35,11 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -56,6 +58,14 @@ class Limits:
         default_max_tokens: the completion's budget when the request names none.
         local_images: a folder ``file://`` URLs and paths may point into (``None``: refused).
         remote_images: fetch ``http(s)://`` image URLs (refused unless set).
+        remote_timeout_s: the whole fetch of a remote image (connecting, redirects, reading)
+            must end within this many seconds.
+        private_image_hosts: let remote image URLs reach loopback, private, link-local,
+            multicast and reserved addresses (refused unless set: the server's own network).
+        max_waiting: requests waiting beyond the running batch; past it a request gets 503 with
+            ``Retry-After`` at once (``None``: no bound).
+        request_timeout_s: a request not finished this long after it was admitted gets 503
+            (``None``: no deadline).
     """
 
     max_body_bytes: int = 20 * 2**20
@@ -66,6 +76,9 @@ class Limits:
     local_images: Path | None = None
     remote_images: bool = False
     remote_timeout_s: float = 10.0
+    private_image_hosts: bool = False
+    max_waiting: int | None = 64
+    request_timeout_s: float | None = 600.0
 
 
 class TextPart(BaseModel):
@@ -249,14 +262,15 @@ def _read_local(url: str, limits: Limits, param: str) -> bytes:
 
 
 def _fetch(url: str, limits: Limits, param: str) -> bytes:
+    policy = FetchPolicy(
+        max_bytes=limits.max_body_bytes,
+        timeout_s=limits.remote_timeout_s,
+        private_hosts=limits.private_image_hosts,
+    )
     try:
-        with urllib.request.urlopen(url, timeout=limits.remote_timeout_s) as response:  # noqa: S310
-            data = response.read(limits.max_body_bytes + 1)
-    except OSError as err:
-        raise APIError(400, f"cannot fetch the image: {err}", param=param) from err
-    if len(data) > limits.max_body_bytes:
-        raise APIError(413, f"the image at {url} is larger than {limits.max_body_bytes} bytes", param=param)
-    return data
+        return fetch(url, policy)
+    except FetchError as err:
+        raise APIError(err.status, str(err), param=param, code=err.code) from None
 
 
 def completion_id() -> str:

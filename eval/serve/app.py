@@ -2,7 +2,9 @@
 
 Routes: ``POST /v1/chat/completions`` (plain or streamed as server-sent events),
 ``GET /v1/models``, ``GET /health``, and the page at ``/``. Every refusal is a 4xx in OpenAI's
-error shape, and the server goes on serving.
+error shape, and the server goes on serving. Past its bounds (``Limits.max_waiting`` requests
+waiting, ``Limits.request_timeout_s`` for one request) it answers 503 with ``Retry-After`` at
+once rather than queueing without end.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from vlm.eval.serve.api import (
     to_chat_messages,
     usage,
 )
-from vlm.eval.serve.scheduler import Finished, Scheduler, Settings
+from vlm.eval.serve.scheduler import Finished, Overloaded, Scheduler, Settings
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class Service:
             eos_token_id=generation.eos_token_id,
             pad_token_id=generation.pad_token_id,
             max_batch_size=max_batch_size,
+            max_waiting=limits.max_waiting,
+            request_timeout_s=limits.request_timeout_s,
         )
 
     def prepare(self, request: ChatRequest) -> tuple[list[int], torch.Tensor | None, Settings]:
@@ -111,7 +115,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, error: Overloaded) -> JSONResponse:
+        return JSONResponse(**_unavailable(str(error), error.code, error.retry_after_s))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -145,7 +153,11 @@ def create_app(service: Service) -> FastAPI:
             "model": service.model_name,
             "running": scheduler.running,
             "waiting": scheduler.waiting,
+            "rejected": scheduler.counts["rejected"],
+            "timed_out": scheduler.counts["timed_out"],
             "max_batch_size": scheduler.max_batch_size,
+            "max_waiting": scheduler.max_waiting,
+            "request_timeout_s": scheduler.request_timeout_s,
             "requests": dict(scheduler.counts),
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -157,15 +169,17 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
+        service.scheduler.check_admission()  # a full queue refuses before reading or decoding
         body = await _read_body(http, service.limits.max_body_bytes)
         request = parse_request(body)
         prompt, pixels, settings = await run_in_threadpool(service.prepare, request)
         id_ = completion_id()
-        events = service.scheduler.generate(prompt, pixels, settings)
+        events = service.scheduler.submit(prompt, pixels, settings)
+        del pixels  # the scheduler holds them while the request waits, and drops them after
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return StreamingResponse(
-                _stream(events, id_, service.model_name, len(prompt), include_usage),
+                _stream(events, id_, service.model_name, len(prompt), include_usage, _timed_out(service)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -174,6 +188,8 @@ def create_app(service: Service) -> FastAPI:
             return Response(status_code=499)
         if done.reason == "error":
             raise APIError(500, f"generation failed: {done.error}", kind="server_error")
+        if done.reason == "timeout":
+            return JSONResponse(**_unavailable(*_timed_out(service)))
         return completion(
             id_, service.model_name, done.text, done.reason, len(prompt), done.completion_tokens
         )
@@ -215,8 +231,11 @@ async def _wait(events, http: Request) -> Finished | None:
         await events.aclose()
 
 
-async def _stream(events, id_: str, model: str, prompt_tokens: int, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+async def _stream(
+    events, id_: str, model: str, prompt_tokens: int, include_usage: bool, timed_out: tuple[str, str, int]
+):
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; a request
+    past its deadline ends with an error event (``timed_out``: its message, code, retry)."""
     try:
         yield _sse(chunk(id_, model, {"role": "assistant", "content": ""}))
         async for event in events:
@@ -224,6 +243,9 @@ async def _stream(events, id_: str, model: str, prompt_tokens: int, include_usag
                 if event.reason == "error":
                     error = APIError(500, f"generation failed: {event.error}", kind="server_error")
                     yield _sse(error.body())
+                    break
+                if event.reason == "timeout":  # the headers are sent: the error is the last event
+                    yield _sse(_unavailable(*timed_out)["content"])
                     break
                 yield _sse(chunk(id_, model, {}, event.reason))
                 if include_usage:
@@ -235,6 +257,18 @@ async def _stream(events, id_: str, model: str, prompt_tokens: int, include_usag
         yield "data: [DONE]\n\n"
     finally:
         await events.aclose()  # a client that left: its row leaves the batch
+
+
+def _unavailable(message: str, code: str, retry_after_s: int) -> dict[str, Any]:
+    """A 503 in OpenAI's error shape with ``Retry-After`` (JSONResponse's arguments)."""
+    body = APIError(503, message, code=code, kind="server_error").body()
+    return {"content": body, "status_code": 503, "headers": {"Retry-After": str(retry_after_s)}}
+
+
+def _timed_out(service: Service) -> tuple[str, str, int]:
+    seconds = service.scheduler.request_timeout_s
+    message = f"the request did not finish within the server's request timeout of {seconds:g} s"
+    return message, "request_timeout", service.scheduler.retry_after_s()
 
 
 def _sse(payload: dict[str, Any]) -> str:
