@@ -1,7 +1,9 @@
 """Training checkpoints: trainable weights, optimizer, schedule, RNG states, data position.
 
 Each checkpoint is written into a temporary directory, flushed to disk and renamed into place,
-so a kill during a save never damages the last good one; only the last ``keep`` are kept.
+so a kill during a save never damages the last good one; only the last ``keep`` are kept. A
+disk that fills during a save (``ENOSPC``) leaves the last good one too: the partial directory
+is removed and :class:`CheckpointSpaceError` says where and how much space the save needs.
 
 ``state.pt`` holds tensors and plain values only (RNG states as tensors) and is read with
 ``torch.load(weights_only=True)``: a checkpoint from someone else cannot run code on resume.
@@ -9,6 +11,7 @@ so a kill during a save never damages the last good one; only the last ``keep`` 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -38,6 +41,14 @@ STATE = "state.pt"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the file and what to do."""
+
+
+class CheckpointSpaceError(OSError):
+    """A checkpoint that did not fit on its disk: the message names the directory, the space it
+    needs and the checkpoint a resume continues from."""
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -144,16 +155,33 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f"{PREFIX}{step:08d}.tmp"
+    run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(f"{PREFIX}*.*"):  # left by a run killed while saving or pruning
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, tmp / WEIGHTS)
-    torch.save(
-        {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(), **state},
-        tmp / STATE,
-    )
-    for file in (tmp / WEIGHTS, tmp / STATE, tmp):
-        _fsync(file)
+    needed = nbytes(weights) + nbytes(optim)
+    if shutil.disk_usage(run_dir).free < needed:  # nothing written: no partial checkpoint
+        raise _space_error(run_dir, final, needed)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(weights, tmp / WEIGHTS)
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optim,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                **state,
+            },
+            tmp / STATE,
+        )
+        for file in (tmp / WEIGHTS, tmp / STATE, tmp):
+            _fsync(file)
+    except Exception as err:
+        full = _out_of_space(err) or shutil.disk_usage(run_dir).free < 2**20
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        raise _space_error(run_dir, final, needed) from None
     if final.exists():  # a re-save of the same step replaces it
         _remove(final)
     tmp.rename(final)
@@ -161,6 +189,50 @@ def save_checkpoint(
     for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         _remove(old)
     return final
+
+
+def nbytes(tree: Any) -> int:
+    """The bytes of the tensors in a nested dict / list (a checkpoint's size, near enough)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(nbytes(v) for v in tree)
+    return 0
+
+
+def _out_of_space(err: BaseException | None) -> bool:
+    """Whether a failed write ran out of space: an OSError with ENOSPC / EDQUOT, itself or what
+    it was raised from, or its text (safetensors keeps only that). torch.save's own writer says
+    neither, hence the look at the free space in :func:`save_checkpoint` as well."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _space_error(run_dir: Path, final: Path, needed: int) -> CheckpointSpaceError:
+    free = shutil.disk_usage(run_dir).free
+    previous = [p for p in checkpoints(run_dir) if p != final]
+    resume = (
+        f"--resume continues from {previous[-1]}"
+        if previous
+        else "there is no earlier checkpoint to resume from"
+    )
+    return CheckpointSpaceError(
+        errno.ENOSPC,
+        f"no space left on the device to write the checkpoint {final}: it needs about "
+        f"{_mb(needed)}, {_mb(free)} is free in {run_dir}. The partial checkpoint was removed; "
+        f"free space there (or set run.out elsewhere, or lower run.keep_last), then {resume}",
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, scheduler=None) -> dict[str, Any]:
