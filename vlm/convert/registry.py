@@ -44,6 +44,8 @@ class Format:
             for vlm models whose bridge is one of ``bridges``; a ``ConfigError`` names any part
             or option the format has no counterpart for.
         bridges: the vlm bridges ``export`` takes.
+        tilings: the vlm tilings (``processor.tiling.name``) ``export`` takes: a model goes to
+            the format that takes both its bridge and its tiling.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Format:
     hf_inputs: Callable[[dict[str, Tensor], int], dict[str, Tensor]] = same_layout
     export: Callable[[Any, Any], tuple[nn.Module, Any]] | None = None
     bridges: tuple[str, ...] = ()
+    tilings: tuple[str, ...] = ("none",)
 
     def connector_of(self, model: nn.Module) -> list[nn.Module | nn.Parameter]:
         """The connector's parts in transformers' ``model`` (``requires_grad_`` works on each)."""
@@ -118,15 +121,16 @@ def supported() -> list[str]:
 
 
 def export_transformers(model: Any, tokenizer: Any, out: str | Path) -> tuple[Format, Path]:
-    """Writes ``model`` as a transformers checkpoint of the format that takes its bridge
-    (config, safetensors weights, tokenizer, processor) to ``out``."""
-    bridge = model.config.bridge.name
-    fmt = next((f for f in FORMATS.values() if f.export is not None and bridge in f.bridges), None)
+    """Writes ``model`` as a transformers checkpoint of the format that takes its bridge and
+    its tiling (config, safetensors weights, tokenizer, processor) to ``out``."""
+    bridge, tiling = model.config.bridge.name, model.config.processor.tiling.name
+    exporters = [f for f in FORMATS.values() if f.export is not None]
+    fmt = next((f for f in exporters if bridge in f.bridges and tiling in f.tilings), None)
     if fmt is None:
-        takes = {b: f.name for f in FORMATS.values() if f.export is not None for b in f.bridges}
+        takes = [f"{'/'.join(f.bridges)} with tiling {'/'.join(f.tilings)} ({f.name})" for f in exporters]
         raise ConfigError(
-            f"no transformers format takes a {bridge!r} bridge; exportable bridges: "
-            + ", ".join(f"{b} ({n})" for b, n in takes.items())
+            f"no transformers format takes a {bridge!r} bridge with tiling {tiling!r}; the exports take: "
+            + "; ".join(takes)
         )
     hf_model, processor = fmt.export(model, tokenizer)
     out = Path(out)
