@@ -110,3 +110,20 @@ def test_unknown_keys_still_name_the_keys_that_exist():
         recipe("run.max_stepz=3")
     with pytest.raises(ConfigError, match="model.processor.max_length"):  # moved keys say where
         recipe("data.max_length=3")
+
+
+def test_the_tiling_is_a_part_whose_name_types_its_keys():
+    """``model.processor.tiling`` is typed by its kind, as encoders and bridges are."""
+    recipe = load_recipe(
+        RECIPES / "shapes.toml",
+        ["model.processor.tiling.max_tiles=5", "model.processor.tiling.name=split"],
+    )
+    tiling = recipe.model_config().processor.tiling
+    assert (tiling.name, tiling.max_tiles, tiling.markers) == ("split", 5, True)
+    with pytest.raises(ConfigError, match="tiling.max_tiles=five: expected int or null, got 'five'"):
+        load_recipe(
+            RECIPES / "shapes.toml",
+            ["model.processor.tiling.name=anyres", "model.processor.tiling.max_tiles=five"],
+        )
+    with pytest.raises(ConfigError, match="unknown tiling 'tiles'"):
+        load_recipe(RECIPES / "shapes.toml", ["model.processor.tiling.name=tiles"]).model_config()

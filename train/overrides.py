@@ -18,16 +18,19 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vlm.config import ModelConfig
-from vlm.registry import BRIDGES, DECODERS, ENCODERS, Registry
+from vlm.config import ModelConfig, ProcessorConfig
+from vlm.registry import BRIDGES, DECODERS, ENCODERS, TILINGS, Registry
 from vlm.schema import ConfigError
 
 #: The bare words that unset an optional key.
 NULL = ("null", "none")
 
-#: The parts of a model config, typed ``Any`` in :class:`ModelConfig`: the part's ``name`` picks
-#: its dataclass from the registry.
-PARTS: dict[str, Registry] = {"encoder": ENCODERS, "bridge": BRIDGES, "decoder": DECODERS}
+#: The parts of a config typed ``Any`` in their dataclass: the part's ``name`` picks its own
+#: dataclass from the registry.
+PARTS: dict[type, dict[str, Registry]] = {
+    ModelConfig: {"encoder": ENCODERS, "bridge": BRIDGES, "decoder": DECODERS},
+    ProcessorConfig: {"tiling": TILINGS},
+}
 
 
 class _Mismatch(Exception):
@@ -92,10 +95,11 @@ def field_type(tree: dict[str, Any], parts: list[str], tables: Mapping[str, type
     hint, default, node = tables.get(parts[0], Any), dataclasses.MISSING, tree.get(parts[0])
     for name in parts[1:]:
         hint, default = _optional_member(hint), dataclasses.MISSING
-        if hint is ModelConfig and name in PARTS:  # typed Any: its name picks the dataclass
+        registry = PARTS.get(hint, {}).get(name)
+        if registry is not None:  # typed Any: its name picks the dataclass
             part = node.get(name) if isinstance(node, dict) else None
             part_name = part.get("name") if isinstance(part, dict) else None
-            hint = PARTS[name].config_class(part_name) if part_name in PARTS[name].names() else Any
+            hint = registry.config_class(part_name) if part_name in registry.names() else Any
         elif dataclasses.is_dataclass(hint):
             fields = {f.name: f for f in dataclasses.fields(hint)}
             if name not in fields:
