@@ -118,7 +118,7 @@ def test_unsupported_architecture_names_the_supported_formats(tmp_path):
 
 def test_every_format_is_registered_once_with_its_converter():
     """CONVERTERS and supported() are read from FORMATS; a name or architecture registers once."""
-    assert NAMES == ["llava", "blip2", "idefics"]
+    assert NAMES[:3] == ["llava", "blip2", "idefics"] and {"idefics3", "smolvlm"} <= set(NAMES)
     assert dict(CONVERTERS) == {a: f.convert for f in FORMATS.values() for a in f.architectures}
     assert supported() == sorted(CONVERTERS)
     llava = FORMATS["llava"]

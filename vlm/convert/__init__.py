@@ -12,6 +12,7 @@ registered once in :data:`FORMATS`; adding one is a module that calls
 # The import order is the registration order: how benchmarks and tests list the formats.
 # isort: off
 from vlm.convert import llava, blip2, idefics  # noqa: F401  (registration)
+from vlm.convert import idefics3  # noqa: F401  (registration: Idefics3, then SmolVLM)
 
 # isort: on
 from vlm.convert.reference import IMAGE_TOKEN, IMAGE_TOKEN_ID, Size, placeholder_tokenizer
