@@ -218,12 +218,26 @@ class Predictor:
         tiling), then resized and normalised as the model was trained."""
         return tile_pixels(upright(images), self.processor.tiling, self.transform)[0]
 
+    def _too_long(self, length: int, images: Sequence[Image.Image]) -> str:
+        """Why a prompt does not fit, naming the image that takes the most tokens and the settings
+        that would make it fit."""
+        message = f"a prompt of {length} tokens is longer than max_length={self.processor.max_length}"
+        if not images:
+            return message
+        tiling = self.processor.tiling
+        largest = max(images, key=lambda im: tiling.num_tokens((im.height, im.width)))
+        tokens = tiling.num_tokens((largest.height, largest.width))
+        tiles = tiling.num_tiles((largest.height, largest.width))
+        return (
+            f"{message}: its largest image ({largest.width}x{largest.height}) takes {tokens} tokens "
+            f"({tiles} tile(s) with processor.tiling {self.model.config.processor.tiling.name!r}); raise "
+            "processor.max_length or bound the tiles (processor.tiling.max_tiles) when training the model"
+        )
+
     def _generate(self, prompts: list[list[int]], images: list[Image.Image], streamer=None) -> list[str]:
         too_long = max(len(p) for p in prompts)
         if too_long > self.processor.max_length:
-            raise InputError(
-                f"a prompt of {too_long} tokens is longer than max_length={self.processor.max_length}"
-            )
+            raise InputError(self._too_long(too_long, images))
         batch = self.processor.pad([{"input_ids": p} for p in prompts], side="left")
         pixels, sizes = tile_pixels(images, self.processor.tiling, self.transform) if images else (None, None)
         new = generate(

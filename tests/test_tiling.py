@@ -333,3 +333,13 @@ def test_transformers_tiled_layouts_are_taken(tiled_dir):
     for i, tiles in enumerate(pixels.split(counts)):
         padded[i, : len(tiles)] = tiles
     torch.testing.assert_close(model(ids, padded, image_sizes=torch.tensor(sizes)).logits, flat)
+
+
+def test_an_image_that_cannot_fit_is_named_with_its_tokens(tmp_path):
+    from vlm.eval.predict import InputError, Predictor
+
+    directory = save_tiny_model(tmp_path, tiling=TILINGS.parse({"name": "split"}), max_length=200)
+    predictor = Predictor(directory, device="cpu")
+    # The 20 x 20 image is scaled up into 4 x 4 tiles and the global one, as Idefics3 does.
+    with pytest.raises(InputError, match=r"largest image \(20x20\) takes 272 tokens \(17 tile\(s\)"):
+        predictor.predict([picture(20, 20), picture(40, 90)], "caption")
