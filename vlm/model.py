@@ -92,6 +92,7 @@ class VisionLanguageModel(nn.Module):
         image_index: Tensor | None = None,
         image_attention_mask: Tensor | None = None,
         image_sizes: Tensor | None = None,
+        pixel_attention_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         sample_ids: Tensor | None = None,
         loss_reduction: str = "mean",
@@ -117,6 +118,9 @@ class VisionLanguageModel(nn.Module):
                 transformers' 5-D layouts are taken too (``Tiling.flatten_inputs``): LLaVA-NeXT's
                 ``(N_img, max_tiles, 3, H, W)`` with ``image_sizes``, Idefics3's ``(B, n, 3, H, W)``
                 with all-zero padding images.
+            pixel_attention_mask: Idefics3's mask of each image's real pixels ``(B, n, H, W)``;
+                vlm takes whole tiles (as Idefics3's processor makes them), so it must be 1 on
+                every image that is not padding.
             image_attention_mask: IDEFICS-style inputs for a cross-attention bridge:
                 ``pixel_values`` ``(B, n_img, 3, H, W)`` and this ``(B, T, n_img)`` mask of the image
                 each token attends to, instead of placeholders locating the images.
@@ -133,6 +137,8 @@ class VisionLanguageModel(nn.Module):
                 predict a labelled token (any row's): the same loss for much less work, and
                 ``logits`` ``(B, K, vocab)`` hold those ``K`` positions only. Training uses it.
         """
+        if pixel_attention_mask is not None:
+            _check_whole_images(pixel_values, pixel_attention_mask)
         embeds, is_image = self.prepare_inputs(
             input_ids,
             pixel_values,
@@ -265,6 +271,18 @@ class VisionLanguageModel(nn.Module):
         """Writes ``config.json`` and the weights; see :func:`vlm.weights.save_pretrained`. (Loading
         is :func:`vlm.from_pretrained`, which also reads transformers' formats.)"""
         save_pretrained(self, path, bridge_only=bridge_only, tokenizer=tokenizer)
+
+
+def _check_whole_images(pixel_values: Tensor | None, pixel_attention_mask: Tensor) -> None:
+    """Every image that is not all-zero padding is unmasked (``pixel_attention_mask`` 1 throughout)."""
+    if pixel_values is None:
+        return
+    real = pixel_values.flatten(-3).ne(0).any(-1)  # (B, n) or (N,)
+    if not pixel_attention_mask.flatten(-2).bool().all(-1)[real].all():
+        raise ValueError(
+            "pixel_attention_mask masks part of an image: vlm's encoder takes whole tiles, as "
+            "Idefics3's processor cuts them (do_resize and do_image_splitting on)"
+        )
 
 
 def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:

@@ -14,6 +14,7 @@ split tiles are ``Idefics3ImageProcessorPil``'s (its LANCZOS is PIL's; the torch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from vlm.convert.towers import load_siglip_tower, siglip_config, siglip_tower
 from vlm.decoders.hf import HFDecoderConfig
 from vlm.model import VisionLanguageModel, build_model
 from vlm.schema import ConfigError
+from vlm.tiling.none import NoTilingConfig
 from vlm.tiling.split import FAKE, SplitConfig
 
 log = logging.getLogger(__name__)
@@ -291,7 +293,11 @@ def _export(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_len=model.tokens_per_image,
-        chat_template=export_chat_template(model.config.processor, tokenizer, image_token),
+        # The template places the <image> markers, which the processor expands: checked as text
+        # (an image one placeholder), whatever the tiling.
+        chat_template=export_chat_template(
+            dataclasses.replace(model.config.processor, tiling=NoTilingConfig()), tokenizer, image_token
+        ),
     )
     return hf, settings, arguments
 
