@@ -39,6 +39,14 @@ CORPUS = [
 SIZES = [(30, 100), (90, 40), (10, 14)]
 #: (kind, tile, patch, scale_factor, longest_edge): SmolVLM's 3x3 shuffle as its 81-token tiles.
 KINDS = [("Idefics3", 32, 8, 2, 96), ("SmolVLM", 36, 4, 3, 108)]
+#: The shape of Idefics3's and SmolVLM's chat templates (over parts; the BOS the tokenizer's).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 def bpe_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -143,6 +151,7 @@ def checkpoint(request, tmp_path_factory):
     model.save_pretrained(path)
     seq_len = (tile // patch // scale) ** 2
     processor = hf_processor(kind, tile, longest, seq_len)
+    processor.chat_template = CHAT_TEMPLATE
     processor.save_pretrained(path)
     # The PIL backend: Idefics3's own LANCZOS, vlm's tiles (transformers' default torchvision
     # backend resamples a few levels of 255 apart: test_the_torchvision_backend_is_close).
@@ -209,6 +218,30 @@ def test_vlms_processor_gives_transformers_tokens_and_pixels(checkpoint, size):
     assert ids == theirs["input_ids"][0].tolist()
     pixels, _ = tile_pixels([image], model.tiling, encoder_transform(model.encoder))
     torch.testing.assert_close(pixels, theirs["pixel_values"][0], atol=1e-5, rtol=0)
+
+
+def test_chat_prompts_are_the_processors_chat_template_and_tiles(checkpoint):
+    """The checkpoint's chat template (chat_template.jinja, read with its tokenizer) renders
+    Predictor's conversations as transformers' processor does, tiles included."""
+    from vlm.eval.predict import Predictor, conversation_inputs
+
+    path, _, processor = checkpoint
+    predictor = Predictor(path, device="cpu")
+    image = picture(*SIZES[1], seed=4)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Where is the star?"}]},
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    theirs = processor(images=[image], text=text, return_tensors="pt")
+    texts, images = conversation_inputs(messages)
+    ids = predictor.processor.messages_prompt_ids(texts, image_sizes=[SIZES[1]])
+    assert ids == theirs["input_ids"][0].tolist()
+    torch.testing.assert_close(predictor.pixel_values(images), theirs["pixel_values"][0], atol=1e-5, rtol=0)
 
 
 def test_greedy_generation_equals_transformers(checkpoint):
