@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import vlm
 from vlm.convert import FORMATS, IMAGE_TOKEN_ID, Size
+from vlm.convert.registry import probe_images
 from vlm.eval import bench_loader
 from vlm.eval.bench_common import (
     PEAK_FLOPS,
@@ -86,15 +87,16 @@ class Inputs:
 def make_inputs(
     name: str, model: vlm.VisionLanguageModel, size: Size, rows: int, *, answer: int, seed: int = 0
 ):
-    """``rows`` prompts of one image each (no padding), then ``answer`` labelled tokens."""
+    """``rows`` prompts of one image each (no padding; its tiles where the model tiles images),
+    then ``answer`` labelled tokens."""
     g = torch.Generator().manual_seed(seed)
-    image = torch.full((rows, model.tokens_per_image), model.image_token_id)
     text = torch.randint(5, size.vocab, (rows, size.prompt + answer), generator=g)
+    images, placeholders = probe_images(model, rows, generator=g)
+    image = torch.full((rows, placeholders), model.image_token_id)
     ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
-    pixels = torch.randn(rows, 3, size.image, size.image, generator=g)
     mask = torch.ones_like(ids)
     labels = ids.masked_fill(torch.arange(ids.shape[1]) < ids.shape[1] - answer, -100)
-    ours = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    ours = dict(input_ids=ids, attention_mask=mask, **images)
     return Inputs(FORMATS[name].hf_inputs(ours, model.image_token_id), ours, labels)
 
 

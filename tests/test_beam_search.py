@@ -13,6 +13,7 @@ from transformers import LogitsProcessorList
 
 import vlm
 from vlm.convert import FORMATS, IMAGE_TOKEN_ID
+from vlm.convert.registry import probe_images
 from vlm.eval import bench
 from vlm.generate import generate
 
@@ -30,13 +31,14 @@ def checkpoints(tmp_path_factory):
     }
 
 
-def _prompts(name: str, tokens_per_image: int, rows: int = 2):
-    """One image and a little text per row, in vlm's layout and in transformers'."""
+def _prompts(name: str, model, rows: int = 2):
+    """One image (its tiles where ``model`` tiles images) and a little text per row, in vlm's
+    layout and in transformers'."""
     g = torch.Generator().manual_seed(3)
     text = torch.randint(5, 90, (rows, 4), generator=g)
-    ids = torch.cat([text[:, :1], torch.full((rows, tokens_per_image), IMAGE_TOKEN_ID), text[:, 1:]], dim=1)
-    pixels = torch.randn(rows, 3, TINY.image, TINY.image, generator=g)
-    ours = dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
+    images, placeholders = probe_images(model, rows, generator=g)
+    ids = torch.cat([text[:, :1], torch.full((rows, placeholders), IMAGE_TOKEN_ID), text[:, 1:]], dim=1)
+    ours = dict(input_ids=ids, **images, attention_mask=torch.ones_like(ids))
     return FORMATS[name].hf_inputs(ours, IMAGE_TOKEN_ID), ours
 
 
@@ -59,7 +61,7 @@ def _until_eos(row: list[int], eos: list[int]) -> list[int]:
 def test_beam_search_equals_transformers_generate(checkpoints, name):
     path, hf_model = checkpoints[name]
     model = vlm.from_pretrained(path).eval()
-    hf_inputs, inputs = _prompts(name, model.tokens_per_image)
+    hf_inputs, inputs = _prompts(name, model)
     prompt = hf_inputs["input_ids"].shape[1]
     greedy = generate(model, **inputs, max_new_tokens=12)
     # End-of-sequence ids the model does emit, so hypotheses finish at different lengths and

@@ -16,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import vlm
 from vlm.cli import main
 from vlm.convert import CONVERTERS, FORMATS, IMAGE_TOKEN_ID, register_format, supported
+from vlm.convert.registry import probe_images
 from vlm.eval import bench
 from vlm.eval.bench_convert import measure, write_checkpoint
 from vlm.generate import generate
@@ -40,17 +41,18 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _inputs(name: str, image_id: int, tokens_per_image: int, rows: int = 2, images: int = 2):
+def _inputs(name: str, image_id: int, model, rows: int = 2, images: int = 2):
     """The same text and ``images`` images per row in transformers' layout and in vlm's: a little
-    text, then each image's placeholders followed by more text."""
+    text, then each image's placeholders followed by more text (each image's tiles and size
+    where ``model`` tiles images: ``probe_images``)."""
     g = torch.Generator().manual_seed(1)
     text = torch.randint(5, 90, (rows, 2 + 2 * images + 1), generator=g)
+    pictures, placeholders = probe_images(model, rows * images, generator=g)  # in reading order
     parts = [text[:, :2]]
     for i in range(images):
-        parts += [torch.full((rows, tokens_per_image), image_id), text[:, 2 + 2 * i : 4 + 2 * i]]
+        parts += [torch.full((rows, placeholders), image_id), text[:, 2 + 2 * i : 4 + 2 * i]]
     ids = torch.cat([*parts, text[:, -1:]], dim=1)
-    pixels = torch.randn(rows * images, 3, SIZE, SIZE, generator=g)  # every image, in reading order
-    ours = dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
+    ours = dict(input_ids=ids, **pictures, attention_mask=torch.ones_like(ids))
     return FORMATS[name].hf_inputs(ours, image_id), ours
 
 
@@ -58,7 +60,7 @@ def _inputs(name: str, image_id: int, tokens_per_image: int, rows: int = 2, imag
 def test_converted_logits_equal_transformers(checkpoints, name):
     path, hf_model, image_id = checkpoints[name]
     model = vlm.from_pretrained(path).eval()
-    hf_inputs, inputs = _inputs(name, image_id, model.tokens_per_image)
+    hf_inputs, inputs = _inputs(name, image_id, model)
     with torch.no_grad():
         expected = hf_model(**hf_inputs).logits
         got = model(**inputs).logits
@@ -76,14 +78,19 @@ def test_converted_logits_equal_transformers(checkpoints, name):
 def test_converted_greedy_generation_equals_transformers(checkpoints, name):
     path, hf_model, image_id = checkpoints[name]
     model = vlm.from_pretrained(path).eval()
-    hf_inputs, inputs = _inputs(name, image_id, model.tokens_per_image, rows=1)
+    hf_inputs, inputs = _inputs(name, image_id, model, rows=1)
     prompt = hf_inputs["input_ids"].shape[1]
     with torch.no_grad():  # vlm never generates the <image> token: ask transformers for the same
         expected = hf_model.generate(
             **hf_inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False, suppress_tokens=[image_id]
         )[:, prompt:]
     got = generate(
-        model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], max_new_tokens=16
+        model,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        image_sizes=inputs.get("image_sizes"),
+        max_new_tokens=16,
     )
     assert expected.shape == (1, 16)
     assert got.tolist() == expected.tolist()
@@ -97,7 +104,7 @@ def test_converted_model_saves_and_reloads_in_vlm_format(checkpoints, name, tmp_
     config = json.loads((tmp_path / "vlm" / "config.json").read_text())
     assert {"encoder", "bridge", "decoder"} <= config.keys()  # vlm's own format now
     reloaded = vlm.from_pretrained(tmp_path / "vlm").eval()
-    _, inputs = _inputs(name, image_id, converted.tokens_per_image)
+    _, inputs = _inputs(name, image_id, converted)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, converted(**inputs).logits, atol=0, rtol=0)
     assert (tmp_path / "vlm" / "tokenizer_config.json").is_file()  # IDEFICS's <image> id lives there
@@ -118,7 +125,8 @@ def test_unsupported_architecture_names_the_supported_formats(tmp_path):
 
 def test_every_format_is_registered_once_with_its_converter():
     """CONVERTERS and supported() are read from FORMATS; a name or architecture registers once."""
-    assert NAMES[:3] == ["llava", "blip2", "idefics"] and {"idefics3", "smolvlm"} <= set(NAMES)
+    assert NAMES[:3] == ["llava", "blip2", "idefics"]
+    assert {"llava_next", "llava_onevision", "idefics3", "smolvlm"} <= set(NAMES)
     assert dict(CONVERTERS) == {a: f.convert for f in FORMATS.values() for a in f.architectures}
     assert supported() == sorted(CONVERTERS)
     llava = FORMATS["llava"]
@@ -181,12 +189,12 @@ def test_tensors_the_conversion_leaves_behind_are_named(checkpoints, name, tmp_p
 
     shutil.copytree(path, tmp_path, dirs_exist_ok=True)
     weights = load_file(path / "model.safetensors")
-    weights["image_newline"] = torch.zeros(4)  # e.g. a LLaVA-NeXT tensor vlm has no use for
+    weights["video_newline"] = torch.zeros(4)  # e.g. a OneVision video tensor vlm has no use for
     save_file(weights, tmp_path / "model.safetensors")
     caplog.clear()
     with caplog.at_level("WARNING", logger="vlm.convert.common"):
         vlm.from_pretrained(tmp_path)
-    assert "1 tensor(s)" in caplog.text and "image_newline" in caplog.text
+    assert "1 tensor(s)" in caplog.text and "video_newline" in caplog.text
 
 
 def test_a_bf16_checkpoint_loads_as_bf16_in_about_its_own_size(tmp_path):

@@ -13,6 +13,7 @@ registered once in :data:`FORMATS`; adding one is a module that calls
 # isort: off
 from vlm.convert import llava, blip2, idefics  # noqa: F401  (registration)
 from vlm.convert import idefics3  # noqa: F401  (registration: Idefics3, then SmolVLM)
+from vlm.convert import llava_next  # noqa: F401  (registration: LLaVA-NeXT, then OneVision)
 
 # isort: on
 from vlm.convert.reference import IMAGE_TOKEN, IMAGE_TOKEN_ID, Size, placeholder_tokenizer

@@ -53,6 +53,42 @@ def language_prefixes(base: str) -> dict[str, str]:
 PROJECTOR_ACTS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 
 
+def read_projector(weights: dict[str, torch.Tensor], hf: Any) -> tuple[str, dict[str, torch.Tensor]]:
+    """The vlm bridge (``mlp2x_gelu`` or ``linear``) LLaVA's 2-layer projector in ``weights`` is,
+    and its tensors (LLaVA's, LLaVA-NeXT's and OneVision's projectors alike)."""
+    if hf.projector_hidden_act not in PROJECTOR_ACTS.values():
+        raise ConfigError(
+            f"projector_hidden_act={hf.projector_hidden_act!r} is not supported; vlm's projectors use "
+            "gelu, or linear with an identity second layer (what vlm exports a linear bridge as)"
+        )
+    projector = select(weights, PROJECTOR)
+    if hf.projector_hidden_act == "gelu":
+        return "mlp2x_gelu", projector
+    second = projector.pop("linear_2.weight")
+    bias = projector.pop("linear_2.bias", None)
+    if not torch.equal(second, torch.eye(len(second), dtype=second.dtype)) or (
+        bias is not None and bias.any()
+    ):
+        raise ConfigError(
+            "a linear LLaVA projector converts only with an identity second layer (as vlm exports "
+            "a linear bridge); this one has another"
+        )
+    return "linear", projector
+
+
+def projector_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """vlm's projector bridge as LLaVA's ``multi_modal_projector`` tensors: a ``linear`` bridge
+    becomes the first linear and an identity second linear (exact)."""
+    bridge = model.config.bridge
+    projector = model.bridge.state_dict()
+    if bridge.name == "linear":
+        width = model.decoder.lm.config.get_text_config().hidden_size
+        projector["linear_2.weight"] = torch.eye(width, dtype=projector["linear_1.weight"].dtype)
+        if bridge.bias:
+            projector["linear_2.bias"] = torch.zeros_like(projector["linear_1.bias"])
+    return projector
+
+
 def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
     vision = hf.vision_config
     if vision.model_type != "clip_vision_model":
@@ -64,25 +100,8 @@ def convert_llava(path: Path, hf: Any) -> VisionLanguageModel:
         raise ConfigError(
             f"vision_feature_layer={layer} (several layers) is not supported; vlm takes one layer"
         )
-    if hf.projector_hidden_act not in PROJECTOR_ACTS.values():
-        raise ConfigError(
-            f"projector_hidden_act={hf.projector_hidden_act!r} is not supported; vlm's projectors use "
-            "gelu, or linear with an identity second layer (what vlm exports a linear bridge as)"
-        )
     weights = read_weights(path)
-    projector = select(weights, PROJECTOR)
-    bridge = "mlp2x_gelu"
-    if hf.projector_hidden_act == "linear":
-        bridge = "linear"
-        second = projector.pop("linear_2.weight")
-        bias = projector.pop("linear_2.bias", None)
-        if not torch.equal(second, torch.eye(len(second), dtype=second.dtype)) or (
-            bias is not None and bias.any()
-        ):
-            raise ConfigError(
-                "a linear LLaVA projector converts only with an identity second layer (as vlm exports "
-                "a linear bridge); this one has another"
-            )
+    bridge, projector = read_projector(weights, hf)
     config = ModelConfig(
         encoder=vit_config(
             vision, path, feature_layer=layer, keep_class_token=hf.vision_feature_select_strategy == "full"
@@ -149,12 +168,7 @@ def export_llava(model: VisionLanguageModel, tokenizer: Any) -> tuple[nn.Module,
     )
     hf = transformers.LlavaForConditionalGeneration(config)
     write_into(getattr(hf.model.vision_tower, "vision_model", hf.model.vision_tower), tower.state)
-    projector = model.bridge.state_dict()
-    if bridge.name == "linear":
-        width = lm.config.get_text_config().hidden_size
-        projector["linear_2.weight"] = torch.eye(width, dtype=projector["linear_1.weight"].dtype)
-        if bridge.bias:
-            projector["linear_2.bias"] = torch.zeros_like(projector["linear_1.bias"])
+    projector = projector_state(model)
     hf.model.multi_modal_projector.load_state_dict(projector)
     hf.model.language_model.load_state_dict(lm.base_model.state_dict())
     hf.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())

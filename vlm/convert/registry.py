@@ -46,6 +46,8 @@ class Format:
         bridges: the vlm bridges ``export`` takes.
         tilings: the vlm tilings (``processor.tiling.name``) ``export`` takes: a model goes to
             the format that takes both its bridge and its tiling.
+        takes: besides the bridge and the tiling, which models ``export`` takes (LLaVA-NeXT
+            a tower with a class token, OneVision one without); ``None``: all.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Format:
     export: Callable[[Any, Any], tuple[nn.Module, Any]] | None = None
     bridges: tuple[str, ...] = ()
     tilings: tuple[str, ...] = ("none",)
+    takes: Callable[[Any], bool] | None = None
 
     def connector_of(self, model: nn.Module) -> list[nn.Module | nn.Parameter]:
         """The connector's parts in transformers' ``model`` (``requires_grad_`` works on each)."""
@@ -125,7 +128,14 @@ def export_transformers(model: Any, tokenizer: Any, out: str | Path) -> tuple[Fo
     its tiling (config, safetensors weights, tokenizer, processor) to ``out``."""
     bridge, tiling = model.config.bridge.name, model.config.processor.tiling.name
     exporters = [f for f in FORMATS.values() if f.export is not None]
-    fmt = next((f for f in exporters if bridge in f.bridges and tiling in f.tilings), None)
+    fmt = next(
+        (
+            f
+            for f in exporters
+            if bridge in f.bridges and tiling in f.tilings and (f.takes is None or f.takes(model))
+        ),
+        None,
+    )
     if fmt is None:
         takes = [f"{'/'.join(f.bridges)} with tiling {'/'.join(f.tilings)} ({f.name})" for f in exporters]
         raise ConfigError(
@@ -137,6 +147,21 @@ def export_transformers(model: Any, tokenizer: Any, out: str | Path) -> tuple[Fo
     hf_model.save_pretrained(out)
     processor.save_pretrained(out)
     return fmt, out
+
+
+def probe_images(model: Any, count: int, *, generator: torch.Generator | None = None) -> tuple[dict, int]:
+    """``count`` random square images of the encoder's size for ``model``, in vlm's layout, and
+    the placeholders each takes: ``pixel_values`` holding each image's tiles (one without
+    tiling) ``(count * tiles, 3, S, S)``, and ``image_sizes`` when the tiling cuts images into
+    tiles (AnyRes then picks a wide grid and unpads it). The tests, the benchmark and
+    :func:`check_export` build their batches from it."""
+    tiling, side = model.tiling, model.encoder.image_size
+    size = (side, side)
+    pixels = torch.randn(count * tiling.num_tiles(size), 3, side, side, generator=generator)
+    images = {"pixel_values": pixels}
+    if tiling.splits:
+        images["image_sizes"] = torch.tensor([size] * count)
+    return images, tiling.num_tokens(size)
 
 
 @torch.no_grad()
@@ -155,10 +180,9 @@ def check_export(model: Any, fmt: Format, out: str | Path, *, seed: int = 0) -> 
     vocab, image = model.decoder.lm.config.get_text_config().vocab_size, model.image_token_id
     text = torch.randint(0, vocab - 1, (2, 8), generator=g)
     text = text + (text >= image).long()  # never the placeholder itself
-    placeholders = torch.full((2, model.tokens_per_image), image)
-    ids = torch.cat([text[:, :2], placeholders, text[:, 2:]], dim=1)
-    size = model.encoder.image_size
-    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, size, size, generator=g)}
+    images, placeholders = probe_images(model, 2, generator=g)
+    ids = torch.cat([text[:, :2], torch.full((2, placeholders), image), text[:, 2:]], dim=1)
+    inputs = {"input_ids": ids, **images}
     training = model.training
     try:
         ours = model.eval()(**inputs).logits
