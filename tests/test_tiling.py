@@ -197,22 +197,31 @@ def test_tiling_bad_settings():
         AnyRes(AnyResConfig(pinpoints=[[30, 60]]), tile_size=TILE, tokens_per_tile=16, grid=(4, 4))
     with pytest.raises(ConfigError, match="unknown tiling 'tiles'"):
         TILINGS.parse({"name": "tiles"})
-    config = tiny.model_config("vit", "perceiver", "llama")
-    config.processor.tiling = TILINGS.parse({"name": "anyres"})
-    with pytest.raises(ConfigError, match="does not take yet"):
+    config = tiny.model_config("vit", "mlp2x_gelu", "llama")
+    config.processor.tiling = TILINGS.parse({"name": "anyres", "max_tiles_features": 4})
+    config.encoder.keep_class_token = True  # tokens that are no grid cannot be shrunk as one
+    with pytest.raises(ConfigError, match="needs a bridge with a token grid"):
         build_model(config)
 
 
 # --- tiled images through vlm -------------------------------------------------------------
 
-TILINGS_TRIED = [{"name": "anyres"}, {"name": "split", "max_tiles": 5}, {"name": "anyres", "newline": False}]
+#: (bridge, tiling): prefix bridges with each kind, and a cross-attention bridge whose media are
+#: each image's tiles.
+TRIED = [
+    ("mlp2x_gelu", {"name": "anyres"}),
+    ("mlp2x_gelu", {"name": "split", "max_tiles": 5}),
+    ("mlp2x_gelu", {"name": "anyres", "newline": False}),
+    ("perceiver", {"name": "split", "max_tiles": 5}),
+]
 IMAGE_SIZES = [(40, 90), (100, 50), (20, 20)]
 
 
-@pytest.fixture(scope="module", params=TILINGS_TRIED, ids=lambda t: "-".join(map(str, t.values())))
+@pytest.fixture(scope="module", params=TRIED, ids=lambda t: t[0] + "-" + "-".join(map(str, t[1].values())))
 def tiled_dir(request, tmp_path_factory):
+    bridge, tiling = request.param
     directory = tmp_path_factory.mktemp("tiled")
-    return save_tiny_model(directory, tiling=TILINGS.parse(request.param), max_length=1024)
+    return save_tiny_model(directory, bridge=bridge, tiling=TILINGS.parse(tiling), max_length=1024)
 
 
 def test_predictor_batches_rows_of_different_tile_counts(tiled_dir):
@@ -222,7 +231,7 @@ def test_predictor_batches_rows_of_different_tile_counts(tiled_dir):
 
     predictor = Predictor(tiled_dir, device="cpu")
     tiling = predictor.model.tiling
-    assert len({tiling.num_tokens(s) for s in IMAGE_SIZES}) > 1
+    assert len({tiling.num_tiles(s) for s in IMAGE_SIZES}) > 1
     images = [picture(*s, seed=i) for i, s in enumerate(IMAGE_SIZES)]
     together = predictor.predict(images, "caption")
     assert together == [predictor.predict([image], "caption")[0] for image in images]
@@ -297,7 +306,8 @@ def test_tiled_model_needs_image_sizes(tiled_dir):
     model = from_pretrained(tiled_dir).eval()
     ids = torch.full((1, model.tiling.num_tokens((40, 90))), model.image_token_id)
     pixels = torch.randn(model.tiling.num_tiles((40, 90)), 3, TILE, TILE)
-    if model.config.processor.tiling.name == "anyres":  # the grid's layout needs the size
+    # The grid's layout needs the size, and so does a cross-attention bridge to group the tiles.
+    if model.config.processor.tiling.name == "anyres" or not model.bridge.tokens_in_text:
         with pytest.raises(ValueError, match="pass image_sizes"):
             model(ids, pixels)
     else:  # split tiles are in order whatever the size (Idefics3's inputs carry none)
@@ -343,3 +353,30 @@ def test_an_image_that_cannot_fit_is_named_with_its_tokens(tmp_path):
     # The 20 x 20 image is scaled up into 4 x 4 tiles and the global one, as Idefics3 does.
     with pytest.raises(InputError, match=r"largest image \(20x20\) takes 272 tokens \(17 tile\(s\)"):
         predictor.predict([picture(20, 20), picture(40, 90)], "caption")
+
+
+def test_a_cross_attention_bridge_sees_all_of_an_images_tiles():
+    """Text after a tiled image attends to all of that image's tiles' latents and to no other
+    image's: the same as that image's tiles joined into one image's latents."""
+    from vlm.bridges.base import media_at
+
+    torch.manual_seed(0)
+    model = build_model(tiny.model_config("vit", "perceiver", "llama")).eval()
+    tiny.open_gates(model)
+    block = next(iter(model.bridge.blocks.values()))
+    visual = model.bridge(torch.randn(6, 16, 32))  # two images of three tiles each, in one row
+    M, D = visual.shape[1:]
+    positions = torch.zeros(1, 9, dtype=torch.bool)
+    positions[0, [1, 5]] = True
+    h = torch.randn(1, 9, model.decoder.hidden_size)
+    tiled = media_at(visual, positions, tiles=torch.tensor([3, 3]))
+    joined = media_at(visual.reshape(2, 3 * M, D), positions)
+    with torch.no_grad():
+        torch.testing.assert_close(block(h, tiled), block(h, joined))
+        # and a packed second sample sees none of the first's tiles
+        samples = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]])
+        tiled, joined = (
+            media_at(visual, positions, samples, tiles=torch.tensor([3, 3])),
+            media_at(visual.reshape(2, 3 * M, D), positions, samples),
+        )
+        torch.testing.assert_close(block(h, tiled), block(h, joined))

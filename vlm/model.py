@@ -16,7 +16,6 @@ from vlm.config import ModelConfig
 from vlm.loss import IGNORE_INDEX, cross_entropy
 from vlm.packing import packed_mask
 from vlm.registry import BRIDGES, DECODERS, ENCODERS, TILINGS
-from vlm.schema import ConfigError
 from vlm.weights import save_pretrained
 
 
@@ -53,12 +52,8 @@ class VisionLanguageModel(nn.Module):
             tokens_per_tile=self.tokens_per_image,
             grid=bridge.token_grid(encoder.num_tokens),
             text_dim=decoder.hidden_size,
+            marker_only=not bridge.tokens_in_text,
         )
-        if self.tiling.splits and not bridge.takes_tiles:
-            raise ConfigError(
-                f"processor.tiling {config.processor.tiling.name!r} cuts images into several tiles, "
-                f"which {type(bridge).__name__} does not take yet; use tiling 'none'"
-            )
         # transformers 5 renamed the flag; the old name still works but warns.
         lm_type = type(decoder.lm)
         self._checkpointing_flag = (
@@ -209,10 +204,14 @@ class VisionLanguageModel(nn.Module):
         visual = self._bridge(image_features) if image_features is not None else None
         if visual is not None and image_index is not None:
             visual = visual[image_index]  # encoded once, placed wherever the image appears
+        tiles = None
         if visual is not None and (image_sizes is not None or self.tiling.splits):
-            visual = self.tiling.arrange_all(visual, image_sizes)  # (placeholders, D)
-        self._check_image_count(is_image, visual)
-        return self.bridge.condition(embeds, visual, is_image, sample_ids), is_image
+            if self.bridge.tokens_in_text:
+                visual = self.tiling.arrange_all(visual, image_sizes)  # (placeholders, D)
+            else:  # the bridge takes each tile's output and which image it belongs to
+                tiles = torch.tensor(self.tiling.tile_counts(image_sizes), device=visual.device)
+        self._check_image_count(is_image, visual, tiles)
+        return self.bridge.condition(embeds, visual, is_image, sample_ids, tiles), is_image
 
     def _visual_per_row(
         self, pixel_values: Tensor | None, image_features: Tensor | None, image_attention_mask: Tensor
@@ -249,8 +248,18 @@ class VisionLanguageModel(nn.Module):
             self.encoder.eval()
         return self
 
-    def _check_image_count(self, is_image: Tensor, visual: Tensor | None) -> None:
+    def _check_image_count(
+        self, is_image: Tensor, visual: Tensor | None, tiles: Tensor | None = None
+    ) -> None:
         placeholders = int(is_image.sum())
+        if tiles is not None:  # one marker per image, its tiles behind it
+            if placeholders != len(tiles) or int(tiles.sum()) != len(visual):
+                raise ValueError(
+                    f"input_ids hold {placeholders} image marker(s) (id {self.image_token_id}) for "
+                    f"{len(tiles)} image(s) of {int(tiles.sum())} tile(s), but {len(visual)} tile(s) "
+                    "were given"
+                )
+            return
         if visual is not None and visual.ndim == 2:  # tiles arranged into each image's tokens
             if placeholders != visual.shape[0]:
                 raise ValueError(

@@ -35,8 +35,10 @@ from vlm.packing import run_starts
 class Bridge(nn.Module):
     """Connects an image encoder to a language decoder."""
 
-    #: Whether images cut into several tiles can go through it (``vlm.tiling``).
-    takes_tiles = True
+    #: Whether its output tokens take the images' placeholders in the text (prefix bridges):
+    #: the tiling then arranges an image's tiles into them. Otherwise the bridge gets each
+    #: tile's output and each image's tile count (``condition(..., tiles=...)``).
+    tokens_in_text = True
 
     def tokens_per_image(self, num_features: int) -> int:
         """Placeholders one image takes in ``input_ids`` given ``num_features`` encoder tokens."""
@@ -61,6 +63,7 @@ class Bridge(nn.Module):
         visual: Tensor | None,
         image_positions: Tensor,
         sample_ids: Tensor | None = None,
+        tiles: Tensor | None = None,
     ) -> Tensor:
         """The LM's input embeddings for the next LM call(s), conditioned on the images.
 
@@ -71,6 +74,9 @@ class Bridge(nn.Module):
             image_positions: ``(B, T)`` bool, True at the image placeholders.
             sample_ids: ``(B, T)`` for rows packing several samples (see ``Processor.pack``):
                 a token sees no image of another sample.
+            tiles: ``(N_img,)`` how many of ``visual``'s entries (tiles) each image has, for a
+                bridge whose tokens are not in the text (``tokens_in_text = False``); ``None``:
+                one each.
         """
         raise NotImplementedError
 
@@ -102,7 +108,7 @@ class Bridge(nn.Module):
 class PrefixBridge(Bridge):
     """A bridge whose output tokens replace the ``<image>`` placeholders; it keeps no state."""
 
-    def condition(self, embeds, visual, image_positions, sample_ids=None):
+    def condition(self, embeds, visual, image_positions, sample_ids=None, tiles=None):
         if visual is None:
             return embeds
         return embeds.masked_scatter(image_positions.unsqueeze(-1), visual.to(embeds.dtype))
@@ -112,16 +118,19 @@ class PrefixBridge(Bridge):
 class Media:
     """The images a batch attends to from inside the LM.
 
-    ``latents`` ``(B, n_img, M, D)``, each row's images (zeros past a row's last one);
-    ``index`` ``(B, T)``: the 1-based number of the latest image at or before each token (0:
-    none yet). New tokens of a cached generation (fewer than ``T``) take the last column: the
-    latest image. ``cache`` is for the blocks (projected keys and values, masks), and follows
-    the rows through :meth:`select`.
+    ``latents`` ``(B, n_img, M, D)``, each row's images (zeros past a row's last one), or their
+    tiles: an image cut into tiles is several entries in a row;
+    ``index`` ``(B, T)``: the 1-based number of the latest entry at or before each token (0:
+    none yet); ``first`` ``(B, T)``: the first entry of that image (``None``: one entry per
+    image), so that a token attends to entries ``first .. index``. New tokens of a cached
+    generation (fewer than ``T``) take the last column: the latest image. ``cache`` is for the
+    blocks (projected keys and values, masks), and follows the rows through :meth:`select`.
     """
 
     latents: Tensor
     index: Tensor
     cache: dict[Any, Any] = field(default_factory=dict)
+    first: Tensor | None = None
 
     def select(self, rows: Tensor) -> Media:
         """These rows only, in this order; cached tensors whose first dimension is the batch
@@ -131,7 +140,8 @@ class Media:
         for key, value in self.cache.items():
             if isinstance(value, tuple) and all(isinstance(t, Tensor) and t.shape[0] == B for t in value):
                 cache[key] = tuple(t[rows] for t in value)
-        return Media(self.latents[rows], self.index[rows], cache)
+        first = None if self.first is None else self.first[rows]
+        return Media(self.latents[rows], self.index[rows], cache, first)
 
     @staticmethod
     def stack(parts: list[Media | None], rows: list[int]) -> Media | None:
@@ -145,16 +155,19 @@ class Media:
             return parts[0]  # its blocks' cache still holds
         n_img = max(p.latents.shape[1] for p in known)
         like = known[0].latents
-        latents, index = [], []
+        latents, index, first = [], [], []
         for part, count in zip(parts, rows):
             if part is None:
                 latents.append(like.new_zeros(count, n_img, *like.shape[2:]))
                 index.append(torch.zeros(count, 1, dtype=torch.long, device=like.device))
+                first.append(index[-1])
                 continue
             pad = n_img - part.latents.shape[1]
             latents.append(torch.cat([part.latents, part.latents.new_zeros(count, pad, *like.shape[2:])], 1))
             index.append(part.index[:, -1:])
-        return Media(torch.cat(latents), torch.cat(index))
+            first.append(index[-1] if part.first is None else part.first[:, -1:])
+        tiled = any(p is not None and p.first is not None for p in parts)
+        return Media(torch.cat(latents), torch.cat(index), first=torch.cat(first) if tiled else None)
 
 
 class CrossAttentionBridge(Bridge):
@@ -166,7 +179,7 @@ class CrossAttentionBridge(Bridge):
     """
 
     blocks: nn.ModuleDict
-    takes_tiles = False  # one image's tiles as one image's media: not yet
+    tokens_in_text = False  # one <image> marker per image; its tiles are its media
 
     def __init__(self) -> None:
         super().__init__()
@@ -189,8 +202,8 @@ class CrossAttentionBridge(Bridge):
 
         return before_layer
 
-    def condition(self, embeds, visual, image_positions, sample_ids=None):
-        self._media = None if visual is None else media_at(visual, image_positions, sample_ids)
+    def condition(self, embeds, visual, image_positions, sample_ids=None, tiles=None):
+        self._media = None if visual is None else media_at(visual, image_positions, sample_ids, tiles)
         return embeds
 
     def condition_from_mask(self, embeds, visual, image_attention_mask):
@@ -223,16 +236,29 @@ class CrossAttentionBridge(Bridge):
         self._media = Media.stack(parts, rows)
 
 
-def media_at(visual: Tensor, image_positions: Tensor, sample_ids: Tensor | None = None) -> Media:
+def media_at(
+    visual: Tensor, image_positions: Tensor, sample_ids: Tensor | None = None, tiles: Tensor | None = None
+) -> Media:
     """The :class:`Media` of images ``visual`` ``(N_img, M, D)`` (reading order) placed at
-    ``image_positions`` ``(B, T)``; with ``sample_ids``, a token sees no image of an earlier
-    sample packed in its row."""
-    counts = image_positions.sum(1)
+    ``image_positions`` ``(B, T)``; with ``tiles`` ``(N_img,)``, ``visual`` holds each image's
+    tiles one after another, and a token attends to all of its latest image's tiles. With
+    ``sample_ids``, a token sees no image of an earlier sample packed in its row."""
+    marks = image_positions.long()
+    per_mark = marks if tiles is None else marks.masked_scatter(image_positions, tiles.to(marks))
+    counts = per_mark.sum(1)  # entries per row
     n_max = max(int(counts.max()), 1)
     latents = visual.new_zeros(image_positions.shape[0], n_max, *visual.shape[1:])
     latents[torch.arange(n_max, device=counts.device)[None] < counts[:, None]] = visual
-    index = image_positions.long().cumsum(1)
+    index = per_mark.cumsum(1)
+    first = None
+    if tiles is not None:  # the entries of the latest image: index - its tiles + 1 .. index
+        latest = marks.cumsum(1)  # 1-based number of the row's latest image
+        images = marks.sum(1)
+        own = torch.zeros(len(counts), int(images.max()) + 1, dtype=torch.long, device=marks.device)
+        slots = torch.arange(1, own.shape[1], device=marks.device)[None] <= images[:, None]
+        own[:, 1:][slots] = tiles.to(marks)  # own[b, k]: tiles of row b's k-th image
+        first = index - own.gather(1, latest) + 1
     if sample_ids is not None:  # images counted before the token's sample began are not its own
-        earlier = (index - image_positions.long()).gather(1, run_starts(sample_ids))
+        earlier = (index - per_mark).gather(1, run_starts(sample_ids))
         index = torch.where(index > earlier, index, 0)
-    return Media(latents, index)
+    return Media(latents, index, first=first)

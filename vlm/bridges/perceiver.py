@@ -152,27 +152,39 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def _attend(self, h: Tensor, media: Media) -> Tensor:
         B, n_img, M, _ = media.latents.shape
-        index = media.index if media.index.shape[1] == h.shape[1] else media.index[:, -1:]
+        same = media.index.shape[1] == h.shape[1]
+        index = media.index if same else media.index[:, -1:]
+        first = index if media.first is None else media.first if same else media.first[:, -1:]
         kv = media.cache.get(("kv", id(self)))
         if kv is None:
             kv = self.attn.project_kv(media.latents.flatten(1, 2).to(h.dtype))
             if not torch.is_grad_enabled():  # inference: project the latents once per generation
                 media.cache["kv", id(self)] = kv
         mask = block = None
-        if n_img > 1:  # only the latest image is visible; one image needs no mask at all
-            latest = (index - 1).clamp(min=0)  # rows with no image yet see image 0, zeroed below
+        if n_img > 1:  # only the latest image (its tiles) is visible; one entry needs no mask
+            # Rows with no image yet see entry 0, zeroed below.
+            latest, lowest = (index - 1).clamp(min=0), (first - 1).clamp(min=0)
             T = latest.shape[1]
-            if T == 1:  # a new token: its latest image's keys only, so the cost ignores n_img
+            if T == 1 and media.first is None:  # a new token: its image's keys only, whatever n_img
                 rows = torch.arange(B, device=h.device)
                 kv = tuple(t.unflatten(2, (n_img, M))[rows, :, latest[:, 0]] for t in kv)
-            elif use_block_masks(h.device):
+            elif use_block_masks(h.device) and T > 1:
                 block = media.cache.get(("block_mask", T))
                 if block is None:  # built once per forward, shared by every gated block
-                    block = block_mask(lambda b, _, q, k: latest[b, q] == k // M, B, T, n_img * M, h.device)
+                    block = block_mask(
+                        lambda b, _, q, k: (lowest[b, q] <= k // M) & (k // M <= latest[b, q]),
+                        B,
+                        T,
+                        n_img * M,
+                        h.device,
+                    )
                     media.cache["block_mask", T] = block
             else:
                 key_image = torch.arange(n_img * M, device=h.device) // M  # (n_img*M,)
-                mask = (key_image[None, None, :] == latest[:, :, None]).unsqueeze(1)  # (B, 1, T, n_img*M)
+                seen = (key_image[None, None, :] >= lowest[:, :, None]) & (
+                    key_image[None, None, :] <= latest[:, :, None]
+                )
+                mask = seen.unsqueeze(1)  # (B, 1, T, n_img*M)
         x = self.attn(self.attn_norm(h), kv=kv, mask=mask, block_mask=block)
         return torch.where((index > 0).unsqueeze(-1), x, torch.zeros_like(x))
 

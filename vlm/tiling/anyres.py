@@ -22,7 +22,9 @@ NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 @dataclass
 class AnyResConfig:
-    """Args:
+    """How AnyRes picks a tile grid and lays out its tokens.
+
+    Args:
         grids: the tile grids to choose from, ``[rows, cols]`` each, in order of preference
             on ties (LLaVA-NeXT's by default). Ignored when ``pinpoints`` is set.
         pinpoints: the resolutions to choose from in pixels, ``[height, width]`` each, as a
@@ -80,8 +82,9 @@ def unpadded(rows: int, cols: int, size: Size) -> tuple[int, int, int, int]:
 
 @register_tiling("anyres", AnyResConfig)
 class AnyRes(Tiling):
-    def __init__(self, config: AnyResConfig, *, tile_size, tokens_per_tile, grid=None, text_dim=None):
-        super().__init__(config, tile_size=tile_size, tokens_per_tile=tokens_per_tile, grid=grid)
+    def __init__(self, config: AnyResConfig, *, text_dim=None, **options):
+        super().__init__(config, **options)
+        tile_size, grid = self.tile_size, self.grid
         if config.pinpoints is not None:
             self.pinpoints = [tuple(p) for p in config.pinpoints]
             bad = [p for p in self.pinpoints if len(p) != 2 or p[0] % tile_size or p[1] % tile_size]
@@ -157,9 +160,9 @@ class AnyRes(Tiling):
                 shrunk = (int((bottom - top) // ratio), int((right - left) // ratio))
         return rows * h, cols * w, window, shrunk
 
-    def num_tokens(self, size: Size) -> int:
+    def tokens(self, size: Size) -> int:
         if self.grid is None:  # tokens that are not a grid stay per tile
-            return super().num_tokens(size)
+            return super().tokens(size)
         _, _, (top, bottom, left, right), shrunk = self._feature_grid(size)
         height, width = shrunk or (bottom - top, right - left)
         newlines = height if self.config.newline else 0

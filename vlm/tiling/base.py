@@ -38,6 +38,9 @@ class Tiling(nn.Module):
             are not spatial (Q-Former queries, class tokens).
         text_dim: the LM's hidden size, for kinds with learned embeddings (AnyRes' newline);
             ``None`` builds no parameters (a processor's copy).
+        marker_only: the bridge takes one placeholder per image whatever its tiles (a
+            cross-attention bridge: the text after the image attends to all of its tiles);
+            the image's text is then that one placeholder.
     """
 
     #: Whether an image can take more than one tile (cross-attention bridges refuse those kinds).
@@ -51,10 +54,12 @@ class Tiling(nn.Module):
         tokens_per_tile: int,
         grid: tuple[int, int] | None = None,
         text_dim: int | None = None,
+        marker_only: bool = False,
     ):
         super().__init__()
         self.config = config
         self.tile_size, self.tokens_per_tile, self.grid = tile_size, tokens_per_tile, grid
+        self.marker_only = marker_only
 
     # The picture.
     def cut(self, image: Image.Image) -> list[Tensor]:
@@ -67,12 +72,29 @@ class Tiling(nn.Module):
     # The text.
     def num_tokens(self, size: Size) -> int:
         """The image placeholders one image of ``size`` takes in ``input_ids``."""
-        return self.num_tiles(size) * self.tokens_per_tile
+        return 1 if self.marker_only else self.tokens(size)
 
     def image_text(self, size: Size, image_token: str) -> str | None:
         """The text one ``<image>`` marker becomes, when more than placeholders (row and column
         markers); ``None``: :meth:`num_tokens` placeholders."""
+        return None if self.marker_only else self.text(size, image_token)
+
+    def tokens(self, size: Size) -> int:
+        """The kind's placeholders for an image of ``size`` (one run per tile by default)."""
+        return self.num_tiles(size) * self.tokens_per_tile
+
+    def text(self, size: Size, image_token: str) -> str | None:
+        """The kind's text for an image of ``size``; ``None``: placeholders only."""
         return None
+
+    def tile_counts(self, sizes: Sequence[Size] | Tensor | None) -> list[int]:
+        """How many tiles each image of ``sizes`` takes."""
+        if sizes is None:
+            raise ValueError(
+                f"this model cuts images into tiles ({self.config.name!r}): pass image_sizes, each "
+                "image's (height, width), with the tiles' pixel_values"
+            )
+        return [self.num_tiles(tuple(int(v) for v in s)) for s in sizes]
 
     # The features.
     def arrange(self, tiles: Tensor, size: Size) -> Tensor:
@@ -91,13 +113,8 @@ class Tiling(nn.Module):
 
     def arrange_all(self, visual: Tensor, sizes: Sequence[Size] | Tensor | None) -> Tensor:
         """The tiles of several images (reading order) to their placeholders' tokens, stacked."""
-        if sizes is None:
-            raise ValueError(
-                f"this model cuts images into tiles ({self.config.name!r}): pass image_sizes, each "
-                "image's (height, width), with the tiles' pixel_values"
-            )
+        counts = self.tile_counts(sizes)
         sizes = [tuple(int(v) for v in s) for s in sizes]
-        counts = [self.num_tiles(s) for s in sizes]
         if sum(counts) != visual.shape[0]:
             raise ValueError(
                 f"{visual.shape[0]} tile(s) were given for {len(sizes)} image(s) whose sizes need "

@@ -21,7 +21,9 @@ FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
 
 @dataclass
 class SplitConfig:
-    """Args:
+    """How images are split into tiles and marked in the text.
+
+    Args:
         longest_edge: the image's longest edge is resized to this (small images are scaled
             up), then both sides up to multiples of the tile size; ``None``: 4 tiles.
         resample: ``"lanczos"`` (Idefics3, SmolVLM) or ``"bicubic"``.
@@ -72,8 +74,9 @@ def whole_tiles(size: Size, tile: int) -> tuple[int, int]:
 
 @register_tiling("split", SplitConfig)
 class Split(Tiling):
-    def __init__(self, config: SplitConfig, *, tile_size, tokens_per_tile, grid=None, text_dim=None):
-        super().__init__(config, tile_size=tile_size, tokens_per_tile=tokens_per_tile, grid=grid)
+    def __init__(self, config: SplitConfig, *, text_dim=None, **options):
+        super().__init__(config, **options)
+        tile_size = self.tile_size
         if config.resample not in ("lanczos", "bicubic"):
             raise ConfigError(
                 f"processor.tiling.resample must be 'lanczos' or 'bicubic', got {config.resample!r}"
@@ -126,7 +129,7 @@ class Split(Tiling):
         # Tiles keep their tokens in order: the sizes only count them (Idefics3's inputs have none).
         return visual.flatten(0, 1) if sizes is None else super().arrange_all(visual, sizes)
 
-    def image_text(self, size: Size, image_token: str) -> str | None:
+    def text(self, size: Size, image_token: str) -> str | None:
         if not self.config.markers:
             return None
         tokens = image_token * self.tokens_per_tile
