@@ -5,6 +5,8 @@ come back bit for bit."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -225,6 +227,21 @@ def test_the_tiling_comes_from_the_checkpoints_files(checkpoints, tmp_path):
         processor.image_processor.image_grid_pinpoints = pinpoints
     with pytest.raises(vlm.ConfigError, match="image_grid_pinpoints .* differ from config.json's"):
         vlm.from_pretrained(tmp_path)
+
+
+def test_a_processor_counting_other_placeholders_than_the_features_is_named(checkpoints, tmp_path, caplog):
+    """A NeXT processor config without the class token (``num_additional_image_tokens = 0``, as
+    some older files have) counts one placeholder fewer per image than the model's features."""
+    path = checkpoints["llava_next"][0]
+    for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / file).write_bytes((path / file).read_bytes())
+    settings = json.loads((path / "processor_config.json").read_text())
+    assert settings["num_additional_image_tokens"] == 1
+    settings["num_additional_image_tokens"] = 0
+    (tmp_path / "processor_config.json").write_text(json.dumps(settings))
+    with caplog.at_level("WARNING", logger="vlm.convert.llava_next"):
+        vlm.from_pretrained(tmp_path)
+    assert "counts 15 placeholders for a tile whose features are 16 tokens" in caplog.text
 
 
 def test_the_real_llava_next_configuration_counts_2634_tokens_for_899_by_1024():

@@ -56,6 +56,7 @@ TOWER_PREFIXES = (
     "model.vision_tower.",
 )
 NEWLINE = {"model.image_newline": "image_newline", "image_newline": "image_newline"}
+BICUBIC = 3  # PIL's number for it, as image processor files store ``resample``
 #: The reference models' tile grids (rows x cols): wide, tall and square, 1x1 to 3x3 tiles.
 REFERENCE_GRIDS = ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1), (3, 3))
 
@@ -96,10 +97,15 @@ def anyres_config(path: Path, hf: Any, tile: int) -> AnyResConfig:
             f"{hf.image_grid_pinpoints}: the model would arrange tiles the processor did not cut"
         )
     crop = image.get("crop_size") or image.get("size") or {}
-    side = crop.get("height", crop.get("shortest_edge", tile))
+    side = crop.get("height", crop.get("shortest_edge", tile)) if isinstance(crop, dict) else crop
     if side != tile:
         raise ConfigError(
             f"the image processor cuts {side}-pixel tiles but the vision tower takes {tile} pixels"
+        )
+    if image.get("resample", BICUBIC) != BICUBIC:
+        raise ConfigError(
+            f"the image processor resamples with resample={image['resample']}; vlm's AnyRes tiles are "
+            f"resized bicubic (resample={BICUBIC}), as LLaVA-NeXT's and OneVision's processors do"
         )
     limit = None
     if hf.model_type == "llava_onevision":
