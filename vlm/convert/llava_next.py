@@ -8,6 +8,10 @@ processor, else of ``config.json``; OneVision's ``vision_aspect_ratio`` ``anyres
 from the classes' defaults. vlm counts each image's placeholders from the model's features, as
 transformers' processors do for these checkpoints (LLaVA-NeXT's with
 ``num_additional_image_tokens = 1``: the CLIP class token its ``"default"`` strategy drops).
+
+Images only, every image tiled: OneVision's videos are not converted, and where transformers'
+OneVision gets several images in one prompt (``batch_num_images`` above 1) it takes each image's
+base tile alone, which vlm's tiling does not.
 """
 
 from __future__ import annotations
