@@ -3,7 +3,8 @@
 The pipeline, stage by stage::
 
     shard list ─► this rank's and this worker's shards (shuffled per epoch, or resampled)
-               ─► tar members grouped into samples (local paths, http(s)://, pipe: URLs)
+               ─► opened (local paths, http(s)://, pipe: URLs; failures counted by shard)
+               ─► tar members grouped into samples
                ─► shuffle buffer ─► robust decode (bad samples skipped and counted)
 
 In the default (non-resampled) mode every sample is read exactly once per epoch across all
@@ -28,7 +29,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vlm.data import remote
 from vlm.data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, BadSample, DecodeStats, decode_image
+from vlm.data.remote import ShardError, opened
 from vlm.data.samples import check_messages, placed_images
 
 log = logging.getLogger(__name__)
@@ -157,6 +160,18 @@ def _image_keys(raw: dict[str, Any]) -> list[str]:
     return [key for _, key in sorted(numbered)]
 
 
+def _whole(raw_samples: Iterator[dict], failures: dict[str, str]) -> Iterator[dict]:
+    """The samples, less the one a failed shard read cut short (the tar reader hands on the
+    members it had; that sample comes right after the failure is recorded)."""
+    failed = set(failures)
+    for raw in raw_samples:
+        new = set(failures) - failed
+        failed |= new
+        if raw.get("__url__") in new:
+            continue
+        yield raw
+
+
 class ImageTextShards(IterableDataset):
     """Decoded image-text samples streamed from webdataset shards.
 
@@ -172,11 +187,18 @@ class ImageTextShards(IterableDataset):
             on the short side (``decode_image``'s draft mode); ``None`` decodes in full.
         max_bad_fraction: raise :class:`BadDataError`, naming the worst shards, when more than
             this share of the samples read is bad (judged after :data:`BAD_DATA_WINDOW`
-            samples and at the end of every pass); ``None`` reads on whatever the share.
+            samples and at the end of every pass), or more than this share of the consumer's
+            shards failed (a 404, a connection cut more than ``shard_retries`` times, a stall,
+            a failed ``pipe:`` command); ``None`` reads on whatever the share.
+        shard_timeout_s: a shard whose server or command sends nothing for this long is given
+            up (``stalled``); default ``data.remote.SHARD_TIMEOUT_S`` (60 s).
+        shard_retries: times a cut connection to a remote shard is reopened where it stopped;
+            default ``data.remote.SHARD_RETRIES`` (3).
 
     Samples are dicts ``{"key", "url", "image", "text"}``. Bad samples are skipped with a
     warning and counted; the counts of the last pass are in ``stats`` (in-process iteration) and
-    logged at the end of every pass in each worker.
+    logged at the end of every pass in each worker. Failed shards are skipped the same way:
+    counted in ``stats`` as ``shard_<reason>`` and named in ``shard_failures`` (url -> reason).
     """
 
     def __init__(
@@ -192,6 +214,8 @@ class ImageTextShards(IterableDataset):
         max_pixels: int = MAX_PIXELS,
         max_bad_fraction: float | None = None,
         draft_size: int | None = None,
+        shard_timeout_s: float | None = None,
+        shard_retries: int | None = None,
     ):
         super().__init__()
         self.urls = expand_shards(shards)
@@ -203,8 +227,11 @@ class ImageTextShards(IterableDataset):
             raise ValueError(f"max_bad_fraction must be between 0 and 1, got {max_bad_fraction}")
         self.max_bad_fraction = max_bad_fraction
         self.draft_size = draft_size
+        self.shard_timeout_s = remote.SHARD_TIMEOUT_S if shard_timeout_s is None else shard_timeout_s
+        self.shard_retries = remote.SHARD_RETRIES if shard_retries is None else shard_retries
         self.epoch = 0
         self.stats = DecodeStats()
+        self.shard_failures: dict[str, str] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -246,15 +273,33 @@ class ImageTextShards(IterableDataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
         stats = self.stats = DecodeStats()
         by_shard: dict[str, Counter] = defaultdict(Counter)  # url -> {"ok": n, reason: n}
+        failures = self.shard_failures = {}
+        mine = None if self.resampled else len(list(self._shards(rng, rank, world, worker, workers)))
+        current: dict[str, Any] = {"stream": None}  # the shard being read
+
+        def on_failure(err: ShardError) -> None:  # once per shard and pass
+            if err.url in failures:
+                return
+            failures[err.url] = err.reason
+            stats.skipped[f"shard_{err.reason}"] += 1
+            log.warning("skipping shard %s: %s (%s)", err.url, err.reason, err.detail)
+            self._judge_shards(failures, mine, final=False)
 
         def on_error(err: Exception) -> bool:  # unreadable shard or tar member: count, go on
+            failed = err if isinstance(err, ShardError) else getattr(current["stream"], "failed", None)
+            if failed is not None:  # the tar reader stumbling over a failed read: said once
+                on_failure(failed)
+                return True
             stats.skipped["bad_shard"] += 1
             log.warning("skipping unreadable shard data: %s", err)
             return True
 
-        urls = ({"url": url} for url in self._shards(rng, rank, world, worker, workers))
-        raw_samples = wds.tariterators.tarfile_samples(urls, handler=on_error)
-        for raw in self._shuffled(iter(raw_samples), rng):
+        urls = self._shards(rng, rank, world, worker, workers)
+        options = dict(timeout_s=self.shard_timeout_s, retries=self.shard_retries)
+        streams = opened(urls, on_failure, current, **options)
+        members = wds.tariterators.tar_file_expander(streams, handler=on_error)
+        raw_samples = wds.tariterators.group_by_keys(members, handler=on_error)
+        for raw in self._shuffled(_whole(raw_samples, failures), rng):
             try:
                 sample, converted = decode_sample(raw, max_pixels=self.max_pixels, draft_size=self.draft_size)
             except BadSample as bad:
@@ -271,7 +316,26 @@ class ImageTextShards(IterableDataset):
         # Said at the end of every pass; loudly when something was skipped.
         level = logging.WARNING if stats.skipped else logging.INFO
         log.log(level, "end of pass (rank %d, worker %d): %s", rank, worker, stats.summary())
+        self._judge_shards(failures, mine, final=True)
         self._judge(stats, by_shard, final=True)
+
+    def _judge_shards(self, failures: dict[str, str], shards: int | None, *, final: bool) -> None:
+        """Raises :class:`BadDataError` naming the failed shards when more than
+        ``max_bad_fraction`` of this consumer's shards failed (at once when that is certain)."""
+        if self.max_bad_fraction is None or not failures:
+            return
+        if shards is None:  # resampled: judged over the shards opened so far, after a few
+            if len(failures) < 10:
+                return
+            shards = max(len(failures), 10)
+        if len(failures) / shards <= self.max_bad_fraction:
+            return
+        named = "; ".join(f"{url} ({reason})" for url, reason in sorted(failures.items()))
+        raise BadDataError(
+            f"{len(failures)} of {shards} shards failed ({len(failures) / shards:.0%}, over "
+            f"data.max_bad_fraction={self.max_bad_fraction}): {named}. Check that the shards are "
+            "there and their server answers, or drop them, or raise data.max_bad_fraction."
+        )
 
     def _judge(self, stats: DecodeStats, by_shard: dict[str, Counter], *, final: bool) -> None:
         """Raises :class:`BadDataError` when the share of bad samples is over the limit."""
