@@ -125,7 +125,7 @@ class NotHere:
 
     def run(self, command: str, sandbox: Path) -> None:
         argv = argv_of(command)
-        if argv[0] != "make":
+        if argv[0] == "vlm" or "vlm.cli" in argv:  # make, pip and other tools' lines are not vlm's
             build_parser().parse_args(argv[argv.index("vlm.cli") + 1 :] if "vlm.cli" in argv else argv[1:])
         if self.instead:
             done = subprocess.run(
@@ -183,6 +183,11 @@ TABLE: dict[str, Run | Serve | Python | NotHere] = {
     ),
     'vlm vqa photo.png --question "what color is it?" --model DIR --support shots.jsonl --shots 2': Run(),
     "Conversations, few-shot prompts and chat, python block 1": Python(),
+    # High-resolution images
+    (
+        "vlm train train/recipes/shapes.toml --out runs/shapes-anyres "
+        "--set model.processor.tiling.name=anyres --set model.processor.tiling.max_tiles=4"
+    ): Run(TINY_RUN),
     # Training connectors
     "vlm data write --llava blip_laion_cc_sbu_558k.json --images llava-pretrain/ --out pretrain/": Run(),
     f"vlm train train/recipes/llava_stage1.toml --out runs/stage1 --max-steps 2000 {STAGE1}": Run(
@@ -198,6 +203,21 @@ TABLE: dict[str, Run | Serve | Python | NotHere] = {
     # Evaluation
     "vlm eval --model DIR --data SHARDS --task caption --out runs/eval": Run(),
     "vlm eval --predictions preds.jsonl --task vqa --out runs/eval": Run(),
+    "pip install -c constraints.txt -e '.[lmms]'": NotHere(
+        "installs packages: `make test` installs the lmms extra, and pip resolves it offline here",
+        (
+            sys.executable,
+            "-c",
+            "import importlib.metadata as m; assert 'lmms' in m.metadata('vlm').get_all('Provides-Extra')",
+        ),
+    ),
+    (
+        "lmms-eval --model vlm --model_args pretrained=runs/demo/train/model,device=cpu --tasks "
+        "vqav2_val_lite --batch_size 8 --log_samples --output_path runs/lmms"
+    ): NotHere(
+        "downloads the task's dataset: tests/test_lmms_eval.py runs the same CLI offline on a local task",
+        (sys.executable, "-c", "from vlm.eval.lmms import VLMEval"),
+    ),
     (
         "vlm eval --model DIR --data vqav2-val/ --task vqa --shots 0,1,2,4 --support vqav2-train/ "
         "--out runs/fewshot"

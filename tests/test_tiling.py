@@ -213,6 +213,7 @@ TRIED = [
     ("mlp2x_gelu", {"name": "split", "max_tiles": 5}),
     ("mlp2x_gelu", {"name": "anyres", "newline": False}),
     ("perceiver", {"name": "split", "max_tiles": 5}),
+    ("qformer", {"name": "anyres"}),  # queries per tile: tokens that are not a grid
 ]
 IMAGE_SIZES = [(40, 90), (100, 50), (20, 20)]
 
