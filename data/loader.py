@@ -154,7 +154,8 @@ class ExampleStream(IterableDataset):
         """The sample's images as the model takes them (their tiles, one after another), or
         its cached features; and each image's ``(height, width)``."""
         if "features" in sample:  # from a frozen-feature cache: the encoder already ran
-            return "image_features", sample["features"], [None] * len(sample["features"])
+            features = sample["features"]
+            return "image_features", features, sample.get("image_sizes", [None] * len(features))
         images = sample["images"] if "images" in sample else [sample["image"]] if "image" in sample else []
         if not images:  # a text-only conversation
             return "pixel_values", None, []

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 #: Samples read before the share of bad ones can stop a pass (it is also judged at the end of
 #: every pass): one bad shard at the start of a large dataset must not stop a run.
 BAD_DATA_WINDOW = 1000
+#: A frozen-feature cache sample's file of its images' sizes, when its features are tiles'.
+SIZES = "sizes.json"
 
 
 class BadDataError(RuntimeError):
@@ -100,8 +102,9 @@ def decode_sample(
     """A tar sample to ``{"key", "url", "image" (PIL RGB), "text" (dict)}`` (plus ``"images"`` when
     it holds several; neither for a text-only conversation) and the mode it was converted from.
 
-    A frozen-feature cache sample (``KEY.npy``: the encoder's features, ``(N_img, N, D)``)
-    gives ``"features"`` (a tensor) instead of images.
+    A frozen-feature cache sample (``KEY.npy``: the encoder's features, ``(N_img, N, D)``, or
+    its images' tiles' with ``KEY.sizes.json``, each image's ``(height, width)``) gives
+    ``"features"`` (a tensor) and ``"image_sizes"`` instead of images.
 
     Raises ``BadSample`` (``missing_image``, ``missing_text``, ``bad_text``, ``bad_features``,
     ``image_count`` (a conversation or document with more or fewer ``<image>`` markers than
@@ -131,12 +134,10 @@ def decode_sample(
             features = torch.from_numpy(np.load(io.BytesIO(raw["npy"]), allow_pickle=False))
         except Exception as err:  # noqa: BLE001 - a damaged array, whatever numpy raises
             raise BadSample("bad_features", f"{type(err).__name__}: {err}") from err
-        return {
-            "key": raw["__key__"],
-            "url": raw.get("__url__", ""),
-            "features": features,
-            "text": text,
-        }, None
+        sample = {"key": raw["__key__"], "url": raw.get("__url__", ""), "features": features, "text": text}
+        if SIZES in raw:
+            sample["image_sizes"] = [tuple(size) for size in json.loads(raw[SIZES])]
+        return sample, None
     if not exts:  # a text-only conversation
         return {"key": raw["__key__"], "url": raw.get("__url__", ""), "text": text}, None
     decoded = [decode_image(raw[ext], max_pixels=max_pixels, draft_size=draft_size) for ext in exts]

@@ -381,3 +381,23 @@ def test_a_cross_attention_bridge_sees_all_of_an_images_tiles():
             media_at(visual.reshape(2, 3 * M, D), positions, samples),
         )
         torch.testing.assert_close(block(h, tiled), block(h, joined))
+
+
+def test_the_feature_cache_holds_tiles(shapes_dir, tmp_path):
+    """A frozen encoder's features of each image's tiles, cached with the images' sizes, train
+    the same losses as the tiles' pixels do."""
+    from test_train import losses, tiny_recipe
+
+    from vlm.train.recipe import recipe_from_dict
+    from vlm.train.trainer import train
+
+    def frozen(out, cache):
+        tree = tiny_recipe(shapes_dir, out, max_steps=4, cache_features=cache)
+        tree["model"]["encoder"]["freeze"] = True
+        tree["model"]["processor"]["tiling"] = {"name": "anyres", "grids": [[1, 2], [2, 1]]}
+        return recipe_from_dict(tree)
+
+    train(frozen(tmp_path / "pixels", False), progress=False)
+    train(frozen(tmp_path / "cached", True), progress=False)
+    expected, got = losses(tmp_path / "pixels"), losses(tmp_path / "cached")
+    assert len(got) == 4 and max(abs(a - b) for a, b in zip(expected, got)) < 1e-5

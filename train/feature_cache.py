@@ -17,7 +17,8 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from vlm.data.pipeline import ImageTextShards, expand_shards
+from vlm.data.loader import tile_pixels
+from vlm.data.pipeline import SIZES, ImageTextShards, expand_shards
 from vlm.data.transforms import encoder_transform
 from vlm.model import VisionLanguageModel
 from vlm.schema import ConfigError
@@ -41,6 +42,8 @@ def build_feature_cache(
     out_dir = Path(out_dir)
     urls = expand_shards(shards)
     identity = {"encoder": model.config.to_dict()["encoder"], "shards": urls, "resize": resize}
+    if model.tiling.splits:  # the features are the tiles'
+        identity["tiling"] = model.config.to_dict()["processor"]["tiling"]
     manifest = out_dir / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()) == identity:
         return str(out_dir)
@@ -61,11 +64,14 @@ def build_feature_cache(
                 if not images:  # a text-only conversation: nothing to encode
                     tar.write({"__key__": sample["key"], "json": text})
                     continue
-                pixels = torch.stack([transform(image) for image in images]).to(device)
-                features = model.encode_pixels(pixels).float().cpu().numpy()
+                pixels, sizes = tile_pixels(images, model.tiling, transform)
+                features = model.encode_pixels(pixels.to(device)).float().cpu().numpy()
                 buffer = io.BytesIO()
                 np.save(buffer, features, allow_pickle=False)
-                tar.write({"__key__": sample["key"], "npy": buffer.getvalue(), "json": text})
+                entry = {"__key__": sample["key"], "npy": buffer.getvalue(), "json": text}
+                if model.tiling.splits:  # which tiles are whose: each image's (height, width)
+                    entry[SIZES] = json.dumps(sizes).encode()
+                tar.write(entry)
         os.replace(tmp, out_dir / name)
     manifest.write_text(json.dumps(identity))
     return str(out_dir)

@@ -294,11 +294,6 @@ def _train(recipe: Recipe, env: Dist, *, resume: bool, progress: bool) -> dict[s
     shards = recipe.data.train
     if not shards:
         raise ConfigError("data.train names no shards; set it in the recipe or with --set data.train=...")
-    if run.cache_features and model.tiling.splits:
-        raise ConfigError(
-            f"run.cache_features does not take images cut into tiles yet (processor.tiling "
-            f"{model.config.processor.tiling.name!r}); set run.cache_features=false"
-        )
     if run.cache_features:  # before wrapping: it runs the encoder on its own
         if env.is_main:
             build_feature_cache(
