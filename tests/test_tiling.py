@@ -401,3 +401,42 @@ def test_the_feature_cache_holds_tiles(shapes_dir, tmp_path):
     train(frozen(tmp_path / "cached", True), progress=False)
     expected, got = losses(tmp_path / "pixels"), losses(tmp_path / "cached")
     assert len(got) == 4 and max(abs(a - b) for a, b in zip(expected, got)) < 1e-5
+
+
+def test_continuous_batching_takes_tiled_rows(tiled_dir):
+    """Tiled requests joining a running batch (vlm serve's engine) get the tokens generate()
+    gives each alone."""
+    from vlm.engine import BatchedGeneration, Request
+    from vlm.eval.predict import Predictor
+
+    predictor = Predictor(tiled_dir, device="cpu")
+    model, processor = predictor.model, predictor.processor
+    requests, got, expected = [], [], []
+    for i, size in enumerate([*IMAGE_SIZES, (64, 64)]):
+        image = picture(*size, seed=i)
+        ids = processor.prompt_ids("caption", image_sizes=[size])
+        pixels, sizes = tile_pixels([image], model.tiling, predictor.transform)
+        sizes = torch.tensor(sizes)
+        tokens: list[int] = []
+        got.append(tokens)
+        requests.append(
+            Request(
+                ids,
+                pixels,
+                image_sizes=sizes,
+                max_new_tokens=6,
+                on_token=lambda t, out=tokens: out.append(t) is None,
+            )
+        )
+        new = generate(model, torch.tensor([ids]), None, pixels, image_sizes=sizes, max_new_tokens=6)[
+            0
+        ].tolist()
+        expected.append(new)
+    batch = BatchedGeneration(model, eos_token_id=None, pad_token_id=processor.pad_token_id)
+    batch.admit(requests[:2])
+    for request in requests[2:]:
+        batch.step()
+        batch.admit([request])
+    while len(batch):
+        batch.step()
+    assert got == expected

@@ -35,7 +35,9 @@ class Request:
 
     Args:
         input_ids: the prompt, with the image placeholders where the images go.
-        pixel_values: ``(n_img, 3, H, W)``, the prompt's images in reading order.
+        pixel_values: ``(n_img, 3, H, W)``, the prompt's images in reading order (their tiles,
+            for a model that tiles them).
+        image_sizes: ``(n_img, 2)`` each image's ``(height, width)``, for a model that tiles them.
         max_new_tokens: stop after this many new tokens (``finish_reason`` ``"length"``).
         temperature: 0 picks the most likely token (greedy); above 0 samples.
         top_p: nucleus sampling's probability mass.
@@ -48,6 +50,7 @@ class Request:
 
     input_ids: list[int]
     pixel_values: Tensor | None = None
+    image_sizes: Tensor | None = None
     max_new_tokens: int = 32
     temperature: float = 0.0
     top_p: float = 1.0
@@ -111,9 +114,11 @@ class BatchedGeneration:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pixels = [r.pixel_values for r in requests if r.pixel_values is not None]
         features = self.model.encode_pixels(torch.cat(pixels).to(self.device)) if pixels else None
+        sized = [r.image_sizes for r in requests if r.image_sizes is not None]
+        sizes = torch.cat(sized) if sized else None
         bridge = self.model.bridge
         try:
-            embeds, _ = self.model.prepare_inputs(ids, image_features=features)
+            embeds, _ = self.model.prepare_inputs(ids, image_features=features, image_sizes=sizes)
             cache = DynamicCache()
             out = self.model.decoder(
                 embeds,
