@@ -225,6 +225,10 @@ TABLE: dict[str, Run | Serve | Python | NotHere] = {
     # Serving
     "vlm serve --model runs/demo/train/model": Serve(),
     "vlm serve --model DIR --port 9000 --max-batch-size 32 --local-images photos/": Serve(),
+    "vlm serve --model DIR --max-batch-size 16 --max-waiting 64 --request-timeout 120": Serve(),
+    (
+        "vlm serve --model DIR --allow-remote-images --allow-private-image-hosts --remote-image-timeout 5"
+    ): Serve(),
     "Serving, python block 1": Python(server=("serve", "--model", "runs/demo/train/model")),
     # Multi-GPU
     "torchrun --nproc-per-node 8 -m vlm.cli train train/recipes/llava_stage1.toml": NotHere(

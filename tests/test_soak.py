@@ -27,6 +27,8 @@ from saved import save_tiny_model
 from vlm.eval.predict import Predictor
 from vlm.generate import GenerationConfig
 
+pytestmark = pytest.mark.soak
+
 ROOT = Path(__file__).parent.parent
 MODEL = "tiny-vlm"
 WARM_UP_S, SOAK_S = 12.0, 48.0

@@ -440,3 +440,43 @@ def test_continuous_batching_takes_tiled_rows(tiled_dir):
     while len(batch):
         batch.step()
     assert got == expected
+
+
+def test_vlm_serve_tiles_image_urls(tiled_dir):
+    """Images of any size sent to vlm serve as image_url parts are tiled: several at once, each
+    answered as Predictor.chat answers it alone."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import MODEL, image_part, running_server
+
+    from vlm.eval.predict import Predictor
+
+    predictor = Predictor(tiled_dir, device="cpu")
+    predictor.generation.max_new_tokens = 8
+    # Two sizes (the tiny Llama's context, 128 positions, holds no more of the split markers).
+    images = [picture(*size, seed=i) for i, size in enumerate(IMAGE_SIZES[:2])]
+
+    def ask(base, image):
+        body = {
+            "model": MODEL,
+            "max_tokens": 8,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": [image_part(image), {"type": "text", "text": "what?"}]}],
+        }
+        request = urllib.request.Request(
+            f"{base}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"]
+
+    with running_server(tiled_dir) as (base, _), ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda image: ask(base, image), images))
+    expected = [
+        predictor.chat(
+            [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "what?"}]}]
+        )
+        for im in images
+    ]
+    assert replies == expected

@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlm.eval.predict import InputError, Predictor, conversation_inputs
+from vlm.eval.predict import InputError, Predictor, conversation_inputs, sizes_of, upright
 from vlm.eval.serve.api import (
     APIError,
     ChatRequest,
@@ -60,9 +60,12 @@ class Service:
             request_timeout_s=limits.request_timeout_s,
         )
 
-    def prepare(self, request: ChatRequest) -> tuple[list[int], torch.Tensor | None, Settings]:
-        """The prompt ids, pixels and settings of a request (runs in a worker thread: images are
-        decoded and resized here, not on the event loop or the model's thread)."""
+    def prepare(
+        self, request: ChatRequest
+    ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None, Settings]:
+        """The prompt ids, pixels (each image's tiles), image sizes (``None`` for a model that
+        does not tile) and settings of a request (runs in a worker thread: images are decoded,
+        cut and resized here, not on the event loop or the model's thread)."""
         if request.model != self.model_name:
             raise APIError(
                 404,
@@ -73,7 +76,8 @@ class Service:
         messages = to_chat_messages(request, self.limits)
         try:
             texts, images = conversation_inputs(messages)
-            prompt = self.predictor.processor.messages_prompt_ids(texts)
+            images = upright(images)
+            prompt = self.predictor.processor.messages_prompt_ids(texts, image_sizes=sizes_of(images))
         except (InputError, ValueError) as err:
             raise APIError(400, str(err), param="messages") from err
         context = self.limits.context_length
@@ -88,6 +92,7 @@ class Service:
                 code="context_length_exceeded",
             )
         pixels = self.predictor.pixel_values(images) if images else None
+        sizes = torch.tensor(sizes_of(images)) if images and self.predictor.processor.tiling.splits else None
         settings = Settings(
             max_new_tokens=budget,
             temperature=request.temperature,
@@ -95,7 +100,7 @@ class Service:
             seed=request.seed,
             stop=tuple(request.stop),
         )
-        return prompt, pixels, settings
+        return prompt, pixels, sizes, settings
 
 
 def context_length(predictor: Predictor) -> int:
@@ -172,9 +177,9 @@ def create_app(service: Service) -> FastAPI:
         service.scheduler.check_admission()  # a full queue refuses before reading or decoding
         body = await _read_body(http, service.limits.max_body_bytes)
         request = parse_request(body)
-        prompt, pixels, settings = await run_in_threadpool(service.prepare, request)
+        prompt, pixels, sizes, settings = await run_in_threadpool(service.prepare, request)
         id_ = completion_id()
-        events = service.scheduler.submit(prompt, pixels, settings)
+        events = service.scheduler.submit(prompt, pixels, settings, image_sizes=sizes)
         del pixels  # the scheduler holds them while the request waits, and drops them after
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)

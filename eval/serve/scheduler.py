@@ -208,7 +208,12 @@ class Scheduler:
             ticket.on_finish("cancelled", None)
 
     def submit(
-        self, prompt_ids: list[int], pixel_values: Tensor | None, settings: Settings
+        self,
+        prompt_ids: list[int],
+        pixel_values: Tensor | None,
+        settings: Settings,
+        *,
+        image_sizes: Tensor | None = None,
     ) -> AsyncIterator[str | Finished]:
         """Queues a request at once, or raises :class:`Overloaded`; returns the reply's text
         pieces as they come, then a :class:`Finished`. Leaving that loop early (the client went
@@ -244,6 +249,7 @@ class Scheduler:
         ticket = Ticket(
             prompt_ids,
             pixel_values,
+            image_sizes,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
             top_p=settings.top_p,
