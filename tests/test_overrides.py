@@ -127,3 +127,10 @@ def test_the_tiling_is_a_part_whose_name_types_its_keys():
         )
     with pytest.raises(ConfigError, match="unknown tiling 'tiles'"):
         load_recipe(RECIPES / "shapes.toml", ["model.processor.tiling.name=tiles"]).model_config()
+
+
+def test_remote_shard_limits_are_recipe_keys():
+    recipe = load_recipe(RECIPES / "shapes.toml", ["data.shard_timeout_s=5", "data.shard_retries=1"])
+    assert (recipe.data.shard_timeout_s, recipe.data.shard_retries) == (5, 1)
+    with pytest.raises(ConfigError, match="data.shard_retries=often: expected int"):
+        load_recipe(RECIPES / "shapes.toml", ["data.shard_retries=often"])

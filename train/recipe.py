@@ -57,6 +57,9 @@ class DataConfig:
             in the JPEG decoder itself (Pillow's draft mode), never below the encoder's size:
             1.3x to 1.45x the images/s of one worker at 224 px from 640 x 480 photos
             (``eval/results/bench-*.md``), with pixels a little off full decoding's.
+        shard_timeout_s: a remote (``http(s)://``) or ``pipe:`` shard that sends nothing for
+            this long is given up (counted as ``stalled``), so a run never hangs on one.
+        shard_retries: times a cut connection to a remote shard is reopened where it stopped.
     """
 
     train: str | list[str] = ""
@@ -72,6 +75,8 @@ class DataConfig:
     pack_length: int = 0
     max_bad_fraction: float = 0.5
     draft_decode: bool = False
+    shard_timeout_s: float = 60.0
+    shard_retries: int = 3
 
 
 @dataclass
@@ -200,6 +205,8 @@ RESUMABLE_CHANGES = frozenset(
         "run.cache_features",
         "data.val",
         "data.max_bad_fraction",
+        "data.shard_timeout_s",
+        "data.shard_retries",
     }
 )
 

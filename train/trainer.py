@@ -188,6 +188,8 @@ def make_train_loader(
         pack_length=data.pack_length,
         shuffle_buffer=data.shuffle_buffer,
         max_bad_fraction=data.max_bad_fraction,
+        shard_timeout_s=data.shard_timeout_s,
+        shard_retries=data.shard_retries,
         # Tiles see more of an image than one view: decode it in full.
         draft_size=model.encoder.image_size if data.draft_decode and not model.tiling.splits else None,
         seed=recipe.run.seed,
