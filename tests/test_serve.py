@@ -329,10 +329,10 @@ def test_an_error_inside_generation_fails_that_request_only(model_dir, monkeypat
         prepare = service.prepare
 
         def broken(request):
-            prompt, pixels, settings = prepare(request)
+            prompt, pixels, sizes, settings = prepare(request)
             if "break" in str(request.messages[-1].content):
                 prompt = [t for t in prompt if t != service.predictor.model.image_token_id]
-            return prompt, pixels, settings
+            return prompt, pixels, sizes, settings
 
         monkeypatch.setattr(service, "prepare", broken)
         with ThreadPoolExecutor(2) as pool:
