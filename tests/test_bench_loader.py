@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from vlm.convert import IMAGE_TOKEN_ID
 from vlm.data.decode import decode_image
 from vlm.data.pipeline import ImageTextShards
 from vlm.eval import bench_loader
 from vlm.eval.bench import SIZES
+from vlm.eval.bench_common import step_flops
+from vlm.model import build_model
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +86,25 @@ def test_workers_needed_is_the_image_rate_over_one_workers():
     assert bench_loader.workers_needed(100.0, 40.0) == 3
     assert bench_loader.workers_needed(80.0, 40.0) == 2
     assert bench_loader.workers_needed(10.0, 40.0, images_per_sample=8) == 2
+
+
+def stage1_flops_of_forward(size):
+    """The count through the model's own ``forward`` on a real CPU model (uninitialised weights)."""
+    model = build_model(bench_loader.stage1_config(size), empty=True).to_empty(device="cpu")
+    text = size.prompt + size.answer
+    ids = torch.full((1, model.tokens_per_image + text), 5)
+    ids[0, 1 : 1 + model.tokens_per_image] = IMAGE_TOKEN_ID
+    labels = ids.masked_fill(torch.arange(ids.shape[1]) < ids.shape[1] - size.answer, -100)
+    pixels = torch.zeros(1, 3, size.image, size.image)
+    return step_flops(
+        lambda: model(ids, pixel_values=pixels, labels=labels, full_logits=False).loss.backward()
+    )
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_stage1_flops_from_shapes_equal_the_real_forwards_count(name):
+    # The benchmark counts on fake tensors (the large size would take many CPU minutes for real).
+    assert bench_loader.stage1_flops(SIZES[name]) == stage1_flops_of_forward(SIZES[name])
 
 
 def test_stage1_flops_match_the_matmuls_of_a_tiny_model():
