@@ -182,7 +182,7 @@ class ViTEncoder(ImageEncoder):
         self.pos_embed = nn.Parameter(  # (num_prefix + grid**2, D)
             torch.randn(self.grid**2 + self.num_prefix, config.width) * 0.02
             if table is None
-            else table[1 - self.num_prefix :]
+            else table[1 - self.num_prefix :].clone()  # its own storage: safetensors saves no views
         )
         self.norm_pre = (
             nn.LayerNorm(config.width, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
