@@ -18,7 +18,6 @@ import pytest
 from test_data_pipeline import good_samples, write_tar
 from test_train import losses, tiny_recipe
 
-import vlm.data.remote as remote
 import vlm.train.checkpoint as checkpoint_module
 from vlm.data.pipeline import BadDataError, ImageTextShards
 from vlm.train.recipe import recipe_from_dict
@@ -190,14 +189,13 @@ def test_training_goes_on_and_resumes_exactly(shapes_dir, tmp_path, monkeypatch)
         shutil.copy(path, root / f"good-{i}.tar")
     shutil.copy(real[0], root / "cut-once-x.tar")
     shutil.copy(real[1], root / "stall-x.tar")
-    monkeypatch.setattr(remote, "SHARD_TIMEOUT_S", STALL_S)
     with serving(root) as (server, base):
         names = ["good-0.tar", "missing-x.tar", "cut-once-x.tar", "good-1.tar", "stall-x.tar", "good-2.tar"]
         urls = [f"{base}/{name}" for name in names]
 
         def recipe(out, **run):
             tree = tiny_recipe(shapes_dir, out, max_steps=12, save_every=3, **run)
-            tree["data"].update(train=urls, tasks=["caption"])
+            tree["data"].update(train=urls, tasks=["caption"], shard_timeout_s=STALL_S)
             return recipe_from_dict(tree)
 
         train(recipe(tmp_path / "straight"), progress=False)

@@ -93,10 +93,10 @@ def watch_pixels(service):
     refs, prepare = [], service.prepare
 
     def watched(request):
-        prompt, pixels, settings = prepare(request)
-        if pixels is not None:
-            refs.append(weakref.ref(pixels))
-        return prompt, pixels, settings
+        prepared = prepare(request)  # (prompt, pixels, image sizes, settings)
+        if prepared[1] is not None:
+            refs.append(weakref.ref(prepared[1]))
+        return prepared
 
     service.prepare = watched
     return refs
