@@ -91,3 +91,10 @@ def add_commands(commands_: argparse._SubParsersAction) -> None:
     shapes.add_argument("--val", type=int, default=500, help="samples in the val split")
     shapes.add_argument("--test", type=int, default=500, help="samples in each test split")
     shapes.add_argument("--image-size", type=int, default=64, help="image width and height, in pixels")
+    shapes.add_argument(
+        "--canvas",
+        type=int,
+        nargs=2,
+        metavar=("WIDTH", "HEIGHT"),
+        help="high resolution: images this large, their objects as small as at --image-size",
+    )

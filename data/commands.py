@@ -180,7 +180,13 @@ def shapes_command(args: argparse.Namespace) -> int:
     manifest_path = Path(args.out) / "shapes.json"
     before = _identity(manifest_path)
     manifest = write_shapes(
-        args.out, seed=args.seed, train=args.train, val=args.val, test=args.test, image_size=args.image_size
+        args.out,
+        seed=args.seed,
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        image_size=args.image_size,
+        canvas=args.canvas,
     )
     if before is not None and _identity(manifest_path) == before:  # write_shapes kept it
         print(

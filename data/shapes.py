@@ -45,9 +45,13 @@ from transformers import PreTrainedTokenizerFast
 from vlm.data.importers import from_llava
 from vlm.data.writers import Record, encode_png, write_shards
 from vlm.processor import IMAGE_TOKEN
+from vlm.tiling.split import marker_tokens
+
+#: ``(width, height)`` of a high-resolution image, in pixels.
+Canvas = tuple[int, int]
 
 #: Bump when the images or texts change, so ``write_shapes`` rebuilds existing shard sets.
-VERSION = 2
+VERSION = 3  # 3: the tokenizer holds split tiling's image markers
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -255,7 +259,8 @@ def _vocabulary() -> tuple[str, ...]:
 def tokenizer() -> PreTrainedTokenizerFast:
     """A word-level ``transformers`` tokenizer over ``vocabulary()`` plus the special tokens.
 
-    Ids 0-4 are ``<pad> <bos> <eos> <unk> <image>``. Encoding adds no special tokens (the
+    Ids 0-4 are ``<pad> <bos> <eos> <unk> <image>``; split tiling's image markers (up to 4 x 4
+    tiles) follow the words. Encoding adds no special tokens (the
     training pipeline places ``<bos>`` / ``<eos>`` itself); ``decode(ids, skip_special_tokens=True)``
     gives back the original text. Its chat template (``CHAT_TEMPLATE``) renders conversations
     as ``user: ... assistant: ...<eos>``.
@@ -277,7 +282,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<bos>",
         eos_token="<eos>",
         unk_token="<unk>",
-        additional_special_tokens=["<image>"],
+        additional_special_tokens=["<image>", *marker_tokens(4)],
         clean_up_tokenization_spaces=False,
     )
     tok.chat_template = CHAT_TEMPLATE
@@ -295,27 +300,32 @@ def _allowed_combos(split: str) -> list[tuple[str, str]]:
     return [pair for pair in combos if pair not in HELD_OUT] if split == "train" else combos
 
 
-def _box(rng: random.Random, column: int, image_size: int) -> list[int]:
+def _box(rng: random.Random, column: int, image_size: int, canvas: Canvas | None = None) -> list[int]:
     """A square box inside ``column`` with a 1-pixel margin, so shapes in different columns never
-    touch; size and position jitter a little around the column centre."""
-    left, right = round(column * image_size / 3), round((column + 1) * image_size / 3)
+    touch; size and position jitter a little around the column centre. On a ``canvas`` (width,
+    height) the columns are the canvas's thirds and the box keeps the size it has at
+    ``image_size``: small objects on a large image."""
+    width_px, height_px = canvas or (image_size, image_size)
+    left, right = round(column * width_px / 3), round((column + 1) * width_px / 3)
     width = right - left
-    size = max(3, round(width * rng.uniform(0.55, 0.8)))
+    scale = width if canvas is None else image_size / 3
+    size = max(3, round(scale * rng.uniform(0.55, 0.8)))
     slack_x = width - size - 2
     x0 = left + 1 + round(slack_x / 2 * (1 + 0.6 * rng.uniform(-1, 1)))
-    slack_y = image_size - size - 2
+    slack_y = height_px - size - 2
     y0 = 1 + round(slack_y / 2 * (1 + 0.5 * rng.uniform(-1, 1)))
     return [x0, y0, x0 + size, y0 + size]
 
 
-def render(objects: list[dict[str, Any]], image_size: int) -> Image.Image:
+def render(objects: list[dict[str, Any]], image_size: int, canvas: Canvas | None = None) -> Image.Image:
     """Draws the objects (with their ``box``) as flat, non-antialiased shapes on the background.
 
     Args:
         objects: dicts with ``color``, ``shape`` and ``box``.
         image_size: width and height of the image in pixels.
+        canvas: ``(width, height)`` instead.
     """
-    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    image = Image.new("RGB", canvas or (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for o in objects:
         x0, y0, x1, y1 = o["box"]
@@ -329,7 +339,9 @@ def render(objects: list[dict[str, Any]], image_size: int) -> Image.Image:
     return image
 
 
-def generate(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> ShapeSample:
+def generate(
+    split: str, index: int, *, seed: int = 0, image_size: int = 64, canvas: Canvas | None = None
+) -> ShapeSample:
     """The sample ``index`` of ``split``; depends only on ``(seed, split, index)``.
 
     Args:
@@ -337,21 +349,32 @@ def generate(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> 
         index: sample number within the split.
         seed: dataset seed.
         image_size: image width and height in pixels (at least 24).
+        canvas: ``(width, height)``: a larger image, its objects the size they have at
+            ``image_size`` (the same objects, columns and texts as without it).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if image_size < 24:
-        raise ValueError(f"image_size must be at least 24, got {image_size}")
+    _check_sizes(image_size, canvas)
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and processes.
     rng = random.Random(f"{seed}:{split}:{index}")
     n = rng.randint(1, 3)
     columns = sorted(rng.sample(range(3), n))
     pairs = rng.sample(_allowed_combos(split), n)  # distinct pairs: no two identical objects
     objects = [
-        {"color": c, "shape": s, "column": COLUMNS[col], "box": _box(rng, col, image_size)}
+        {"color": c, "shape": s, "column": COLUMNS[col], "box": _box(rng, col, image_size, canvas)}
         for (c, s), col in zip(pairs, columns)
     ]
-    return ShapeSample(render(objects, image_size), objects, captions_for(objects), qa_for(objects))
+    image = render(objects, image_size, canvas)
+    return ShapeSample(image, objects, captions_for(objects), qa_for(objects))
+
+
+def _check_sizes(image_size: int, canvas: Canvas | None) -> None:
+    if image_size < 24:
+        raise ValueError(f"image_size must be at least 24, got {image_size}")
+    if canvas is not None and (len(canvas) != 2 or min(canvas) < image_size):
+        raise ValueError(
+            f"canvas must be (width, height), each at least image_size {image_size}, got {canvas}"
+        )
 
 
 @dataclass
@@ -368,7 +391,9 @@ class FewShotDocument:
         return {"document": document, "attribute": self.attribute, "answers": self.answers}
 
 
-def fewshot_document(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> FewShotDocument:
+def fewshot_document(
+    split: str, index: int, *, seed: int = 0, image_size: int = 64, canvas: Canvas | None = None
+) -> FewShotDocument:
     """The few-shot document ``index`` of ``split``; a pure function of its arguments, like
     :func:`generate` (train documents never show a ``HELD_OUT`` pair either)."""
     rng = random.Random(f"{seed}:{split}:document:{index}")
@@ -381,33 +406,35 @@ def fewshot_document(split: str, index: int, *, seed: int = 0, image_size: int =
             "color": color,
             "shape": shape,
             "column": COLUMNS[column],
-            "box": _box(rng, column, image_size),
+            "box": _box(rng, column, image_size, canvas),
         }
-        images.append(render([obj], image_size))
+        images.append(render([obj], image_size, canvas))
         answers.append(obj[attribute])
     return FewShotDocument(images, answers, attribute)
 
 
-def _records(split: str, count: int, seed: int, image_size: int):
+def _records(split: str, count: int, seed: int, image_size: int, canvas: Canvas | None):
     for index in range(count):
-        sample = generate(split, index, seed=seed, image_size=image_size)
+        sample = generate(split, index, seed=seed, image_size=image_size, canvas=canvas)
         yield Record(image=encode_png(sample.image), text=sample.text, name=f"{split}/{index}", ext="png")
 
 
-def _document_records(split: str, count: int, seed: int, image_size: int):
+def _document_records(split: str, count: int, seed: int, image_size: int, canvas: Canvas | None):
     for index in range(count):
-        document = fewshot_document(split, index, seed=seed, image_size=image_size)
+        document = fewshot_document(split, index, seed=seed, image_size=image_size, canvas=canvas)
         images = [encode_png(image) for image in document.images]
         yield Record(image=images, text=document.text, name=f"documents/{split}/{index}", ext="png")
 
 
-def _llava_rows(split: str, count: int, seed: int, image_size: int, images: Path) -> tuple[list, list]:
+def _llava_rows(
+    split: str, count: int, seed: int, image_size: int, canvas: Canvas | None, images: Path
+) -> tuple[list, list]:
     """Writes ``count`` images of ``split`` into ``images`` and returns the LLaVA-Pretrain style
     caption records and the LLaVA-Instruct style conversation records about them."""
     (images / split).mkdir(parents=True, exist_ok=True)
     pretrain, instruct = [], []
     for index in range(count):
-        sample = generate(split, index, seed=seed, image_size=image_size)
+        sample = generate(split, index, seed=seed, image_size=image_size, canvas=canvas)
         name = f"{split}/{index:06d}.png"
         sample.image.save(images / name)
         rng = random.Random(f"{seed}:{split}:chat:{index}")
@@ -422,12 +449,15 @@ def _llava_rows(split: str, count: int, seed: int, image_size: int, images: Path
     return pretrain, instruct
 
 
-def _arguments(seed: int, sizes: dict[str, Any], image_size: int, samples_per_shard: int) -> dict[str, Any]:
+def _arguments(
+    seed: int, sizes: dict[str, Any], image_size: int, canvas: Canvas | None, samples_per_shard: int
+) -> dict[str, Any]:
     return {
         "version": VERSION,
         "seed": seed,
         "sizes": sizes,
         "image_size": image_size,
+        "canvas": None if canvas is None else list(canvas),
         "samples_per_shard": samples_per_shard,
     }
 
@@ -481,6 +511,7 @@ def write_shapes(
     conversations: int | None = None,
     documents: int | None = None,
     image_size: int = 64,
+    canvas: Canvas | None = None,
     samples_per_shard: int = 500,
 ) -> dict[str, Any]:
     """Writes the shard sets, the LLaVA files, the tokenizer and ``shapes.json``; a no-op if
@@ -503,6 +534,8 @@ def write_shapes(
         conversations, documents: train conversations and few-shot documents (default: a
             third and a fifth of ``train``); their test sets hold ``test`` each.
         image_size: image width and height in pixels.
+        canvas: ``(width, height)``: every image that large, its objects as small as at
+            ``image_size`` (the high-resolution variant: what one downscaled view cannot resolve).
         samples_per_shard: samples per tar shard (small shards interleave the kinds of data
             when their shards are shuffled together).
 
@@ -520,7 +553,9 @@ def write_shapes(
         "conversations": {"train": conversations, "test": test},
         "documents": {"train": documents, "test": test},
     }
-    arguments = _arguments(seed, sizes, image_size, samples_per_shard)
+    canvas = tuple(canvas) if canvas else None  # a TOML / JSON list
+    _check_sizes(image_size, canvas)
+    arguments = _arguments(seed, sizes, image_size, canvas, samples_per_shard)
     manifest_path = out_dir / "shapes.json"
     existing = _existing(manifest_path, arguments)
     if existing is not None:
@@ -532,7 +567,7 @@ def write_shapes(
     for split in SPLITS:
         count = sizes[split]
         shards[split] = _write_set(
-            _records(split, count, seed, image_size),
+            _records(split, count, seed, image_size, canvas),
             out_dir,
             split,
             f"shapes-{split}",
@@ -541,7 +576,7 @@ def write_shapes(
         )
         counts[split] = count
     for split, count in sizes["documents"].items():
-        records = _document_records(split, count, seed, image_size)
+        records = _document_records(split, count, seed, image_size, canvas)
         shards[f"documents/{split}"] = _write_set(
             records, out_dir, f"documents/{split}", f"documents-{split}", count, samples_per_shard
         )
@@ -551,7 +586,7 @@ def write_shapes(
     images = out_dir / "llava" / "images"
     llava = {}
     for split, count in sizes["conversations"].items():
-        pretrain, instruct = _llava_rows(split, count, seed, image_size, images)
+        pretrain, instruct = _llava_rows(split, count, seed, image_size, canvas, images)
         files = {"instruct": instruct} | ({"pretrain": pretrain} if split == "train" else {})
         for kind, rows in files.items():
             name = f"llava/{kind}.json" if kind == "pretrain" else f"llava/{kind}-{split}.json"
@@ -574,7 +609,7 @@ def write_shapes(
         "colors": {name: list(rgb) for name, rgb in COLORS.items()},
         "shapes": list(SHAPES),
         "held_out": [list(pair) for pair in HELD_OUT],
-        "vocab_size": len(SPECIAL_TOKENS) + len(vocabulary()),
+        "vocab_size": len(tokenizer()),
         "counts": counts,
         "shards": shards,
         "llava": llava,
@@ -595,6 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=500)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--canvas", type=int, nargs=2, default=None)
     parser.add_argument("--conversations", type=int, default=None)
     parser.add_argument("--documents", type=int, default=None)
     parser.add_argument("--samples-per-shard", type=int, default=500)

@@ -8,6 +8,7 @@ import tiny
 import torch
 import transformers
 from PIL import Image
+from safetensors import safe_open
 
 import vlm
 from vlm import ConfigError
@@ -307,23 +308,45 @@ def test_a_qformer_on_a_clip_like_tower_is_refused_naming_each_option(tmp_path):
         export_transformers(model, placeholder_tokenizer(VOCAB), tmp_path)
 
 
-@pytest.mark.parametrize("merge", [2, 1])
-def test_the_demo_recipe_exports_once_its_patches_are_not_merged(merge, tmp_path):
+def test_the_demo_recipes_model_exports_and_transformers_pipeline_answers_as_vlm(tmp_path):
+    from vlm.cli.commands import export_demo_model
+    from vlm.data.shapes import generate as shape_sample
+    from vlm.data.shapes import tokenizer as shapes_tokenizer
+    from vlm.eval.predict import Predictor
     from vlm.train.recipe import RECIPES, load_recipe
     from vlm.train.trainer import bind_tokenizer
+    from vlm.weights import save_pretrained
 
-    # The README's command for a demo that exports (4-shot prompts of 36-token images need 256).
-    overrides = [f"model.bridge.merge={merge}", "model.processor.max_length=256", "data.pack_length=256"]
-    recipe = load_recipe(RECIPES / "shapes.toml", overrides)
-    tokenizer = placeholder_tokenizer(VOCAB)
-    model = build_model(bind_tokenizer(recipe.model_config(), tokenizer)).eval()
-    if merge == 2:  # the demo as it is: refused, naming the option
-        with pytest.raises(ConfigError, match="bridge.merge=2"):
-            export_transformers(model, tokenizer, tmp_path)
-        return
-    export_transformers(model, tokenizer, tmp_path)
-    back = vlm.from_pretrained(tmp_path)
+    tokenizer = shapes_tokenizer()
+    model = build_model(bind_tokenizer(load_recipe(RECIPES / "shapes.toml").model_config(), tokenizer))
+    save_pretrained(model.eval(), tmp_path / "model", tokenizer=tokenizer)
+    samples = [shape_sample("test", i) for i in range(4)]
+    asked = [{"image": s.image, "question": s.qa[i]["question"]} for i, s in enumerate(samples)]
+    predictions = Predictor(str(tmp_path / "model")).predict(
+        [a["image"] for a in asked], "vqa", [a["question"] for a in asked]
+    )
+    assert any(predictions)  # random weights answer at length: the texts to agree on
+    asked = [{**a, "prediction": p} for a, p in zip(asked, predictions)]
+    result = export_demo_model(str(tmp_path / "model"), tmp_path / "hf", asked)
+    assert result["architecture"] == "Idefics3ForConditionalGeneration"
+    assert result["max_logit_difference"] < 1e-5
+    assert (result["questions"], result["same_answers"]) == (4, 4)
+    back = vlm.from_pretrained(tmp_path / "hf")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    # The published Idefics3 / SmolVLM checkpoints' layout, which vLLM's loader maps one to one.
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    prefixes = ("model.vision_model.", "model.connector.", "model.text_model.", "lm_head.")
+    assert all(k.startswith(prefixes) for k in keys), sorted(k for k in keys if not k.startswith(prefixes))
+    assert {
+        "model.vision_model.embeddings.patch_embedding.weight",
+        "model.vision_model.post_layernorm.weight",
+        "model.connector.modality_projection.proj.weight",
+        "model.text_model.embed_tokens.weight",
+        "model.text_model.layers.2.self_attn.q_proj.weight",
+        "model.text_model.norm.weight",
+        "lm_head.weight",
+    } <= keys
 
 
 IDEFICS_BRIDGE = dict(

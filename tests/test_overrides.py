@@ -134,3 +134,19 @@ def test_remote_shard_limits_are_recipe_keys():
     assert (recipe.data.shard_timeout_s, recipe.data.shard_retries) == (5, 1)
     with pytest.raises(ConfigError, match="data.shard_retries=often: expected int"):
         load_recipe(RECIPES / "shapes.toml", ["data.shard_retries=often"])
+
+
+def test_switching_a_parts_kind_drops_the_recipes_keys_the_new_kind_lacks():
+    # shapes.toml splits images (longest_edge = 48); "none" is the tiling kind, not an unset.
+    assert recipe("model.processor.tiling.name=none").model_config().processor.tiling.name == "none"
+    tiling = (
+        recipe("model.processor.tiling.name=anyres", "model.processor.tiling.max_tiles=4")
+        .model_config()
+        .processor.tiling
+    )
+    assert (tiling.name, tiling.max_tiles) == ("anyres", 4)
+    bridge = recipe("model.bridge.name=mlp2x_gelu").model_config().bridge  # keeps merge and bias
+    assert (bridge.name, bridge.merge, bridge.bias) == ("mlp2x_gelu", 2, False)
+    # A key given on the command line is the user's: still checked against the new kind.
+    with pytest.raises(ConfigError, match="unknown key.*longest_edge"):
+        recipe("model.processor.tiling.name=none", "model.processor.tiling.longest_edge=96").model_config()

@@ -188,6 +188,19 @@ TABLE: dict[str, Run | Serve | Python | NotHere] = {
         "vlm train train/recipes/shapes.toml --out runs/shapes-anyres "
         "--set model.processor.tiling.name=anyres --set model.processor.tiling.max_tiles=4"
     ): Run(TINY_RUN),
+    "vlm train train/recipes/shapes_highres.toml --out runs/highres-split": Run(TINY_RUN),
+    (
+        "vlm train train/recipes/shapes_highres.toml --out runs/highres-none "
+        "--set model.processor.tiling.name=none"
+    ): Run(TINY_RUN),
+    (
+        "vlm eval --model runs/highres-split/model --data runs/shapes-highres/test --task vqa "
+        "--out runs/highres-split/eval"
+    ): Run(),
+    (
+        "vlm eval --model runs/highres-none/model --data runs/shapes-highres/test --task vqa "
+        "--out runs/highres-none/eval"
+    ): Run(),
     # Training connectors
     "vlm data write --llava blip_laion_cc_sbu_558k.json --images llava-pretrain/ --out pretrain/": Run(),
     f"vlm train train/recipes/llava_stage1.toml --out runs/stage1 --max-steps 2000 {STAGE1}": Run(
@@ -274,13 +287,8 @@ TABLE: dict[str, Run | Serve | Python | NotHere] = {
     # Back to transformers
     "vlm export --model DIR --to transformers --out runs/my-model-hf --check": Run(),
     "Back to transformers, python block 1": Python(),
-    (
-        "vlm demo --out runs/demo-export --set model.bridge.merge=1 --set model.processor.max_length=256 "
-        "--set data.pack_length=256"
-    ): Run(("--set", "run.max_steps=2")),
-    (
-        "vlm export --model runs/demo-export/train/model --to transformers --out runs/demo-export-hf --check"
-    ): Run(),
+    "vlm export --model runs/demo/train/model --out runs/demo/hf --check": Run(before=copy_trained_model),
+    "Back to transformers, python block 2": Python(),
 }
 
 

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from vlm.data import shapes
 from vlm.data.pipeline import ImageTextShards
 from vlm.data.writers import encode_png
+from vlm.tiling.split import marker_tokens
 
 SPLITS = ("train", "val", "test")
 
@@ -200,6 +201,32 @@ def test_pixels_show_the_described_objects(val_samples):
             assert image.getpixel(corner) == shapes.BACKGROUND
 
 
+def test_a_canvas_draws_the_same_objects_small_on_a_large_image():
+    for index in range(50):
+        small, large = shapes.generate("val", index), shapes.generate("val", index, canvas=(144, 96))
+        assert large.image.size == (144, 96)
+        assert (large.captions, large.qa) == (small.captions, small.qa)
+        for a, b in zip(small.objects, large.objects):
+            assert {k: v for k, v in a.items() if k != "box"} == {k: v for k, v in b.items() if k != "box"}
+            x0, y0, x1, y1 = b["box"]
+            assert 12 <= x1 - x0 == y1 - y0 <= 17  # as on a 64 px image: a ninth of the canvas width
+            third = shapes.COLUMNS.index(b["column"])
+            assert 48 * third < x0 and x1 < 48 * (third + 1) and y0 > 0 and y1 < 96
+            pixel = large.image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))
+            assert max(abs(c - d) for c, d in zip(pixel, shapes.COLORS[b["color"]])) <= 8
+    with pytest.raises(ValueError, match="canvas must be"):
+        shapes.generate("val", 0, canvas=(32, 96))
+
+
+def test_write_shapes_on_a_canvas_writes_large_images(tmp_path):
+    manifest = shapes.write_shapes(tmp_path, train=4, val=2, test=2, canvas=[144, 96], samples_per_shard=4)
+    assert manifest["canvas"] == [144, 96]
+    for set_dir in ("train", "documents/test", "conversations/test"):
+        sample = next(iter(ImageTextShards(str(tmp_path / set_dir))))
+        images = sample.get("images") or [sample["image"]]
+        assert {image.size for image in images} == {(144, 96)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +263,11 @@ def test_tokenizer_special_tokens(tok):
     assert "<image>" in tok.all_special_tokens
     ids = tok.convert_tokens_to_ids(shapes.SPECIAL_TOKENS)
     assert ids == [0, 1, 2, 3, 4]
-    assert len(tok) == len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())
+    markers = marker_tokens(4)  # split tiling's, after the words: their ids did not move
+    assert len(tok) == len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary()) + len(markers)
+    assert tok.convert_tokens_to_ids(markers) == list(range(len(tok) - len(markers), len(tok)))
+    marked = tok("<fake_token_around_image><row_2_col_3><image><fake_token_around_image><global-img>")
+    assert len(marked["input_ids"]) == 5
 
     text = "what is on the left?"
     ids = tok(f"<image> {text}")["input_ids"]

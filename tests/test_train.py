@@ -199,9 +199,11 @@ def test_run_outputs(shapes_dir, tmp_path):
     assert (out / "model" / "tokenizer_config.json").is_file() and model.tokens_per_image == 16
 
 
-def test_shapes_recipe_loads():
-    recipe = load_recipe("train/recipes/shapes.toml")
-    assert recipe.data.shapes and recipe.model_config().bridge.name == "mlp2x_gelu"
+@pytest.mark.parametrize("name", ["shapes", "shapes_highres"])
+def test_shapes_recipes_load(name):
+    recipe = load_recipe(f"train/recipes/{name}.toml")
+    config = recipe.model_config()
+    assert recipe.data.shapes and config.bridge.name == "linear" and config.processor.tiling.name == "split"
 
 
 def test_training_from_the_feature_cache_matches_training_from_pixels(shapes_dir, tmp_path):

@@ -22,6 +22,8 @@ from vlm.config import ModelConfig, ProcessorConfig
 from vlm.registry import BRIDGES, DECODERS, ENCODERS, TILINGS, Registry
 from vlm.schema import ConfigError
 
+_NOT_A_PART = Registry("part")  # names nothing
+
 #: The bare words that unset an optional key.
 NULL = ("null", "none")
 
@@ -55,10 +57,13 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str], tables: Mapp
     field in ``tables`` (``{"run": RunConfig, ...}``).
 
     All are placed first, then checked, so that a key's type may depend on another override
-    (``model.encoder.name=clip`` picks the fields ``model.encoder.*`` has). A key the dataclasses
+    (``model.encoder.name=clip`` picks the fields ``model.encoder.*`` has). A part whose ``name``
+    an override changes drops the recipe's keys the new kind does not have
+    (``model.processor.tiling.name=none`` on a recipe that splits images). A key the dataclasses
     do not have is placed as parsed: building the recipe names it with the keys that exist.
     """
     placed: dict[str, tuple[dict[str, Any], list[str], str]] = {}
+    renamed: list[tuple[dict[str, Any], list[str]]] = []
     for assignment in overrides:
         key, sep, text = assignment.partition("=")
         key, text = key.strip(), text.strip()
@@ -66,11 +71,32 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str], tables: Mapp
             raise ConfigError(f"--set expects key=value, got {assignment!r}")
         parts = key.split(".")
         node = _table(tree, parts)
+        if parts[-1] == "name" and node.get("name", parse_value(text)) != parse_value(text):
+            renamed.append((node, parts))
         node[parts[-1]] = parse_value(text)
         placed[key] = (node, parts, text)  # the last assignment of a key wins
+    for node, parts in renamed:
+        kind, _ = field_type(tree, parts[:-1], tables)
+        if dataclasses.is_dataclass(kind):
+            known = {f.name for f in dataclasses.fields(kind)}
+            prefix = ".".join(parts[:-1]) + "."
+            for key in [k for k in node if k not in known and prefix + k not in placed]:
+                del node[key]
     for key, (node, parts, text) in placed.items():
+        if parts[-1] == "name" and text in _registry_of(tree, parts[:-1], tables).names():
+            node["name"] = text  # a kind, even one called "none" (tiling)
+            continue
         hint, default = field_type(tree, parts, tables)
         node[parts[-1]] = typed_value(key, text, hint, default)
+
+
+def _registry_of(tree: dict[str, Any], parts: list[str], tables: Mapping[str, type]) -> Registry:
+    """The registry of the part at ``parts`` (``["model", "processor", "tiling"]``: the tilings);
+    an empty one where ``parts`` is not a part."""
+    if len(parts) < 2:
+        return _NOT_A_PART
+    container, _ = field_type(tree, parts[:-1], tables)
+    return PARTS.get(_optional_member(container), {}).get(parts[-1], _NOT_A_PART)
 
 
 def _table(tree: dict[str, Any], parts: list[str]) -> dict[str, Any]:

@@ -38,6 +38,8 @@ class DataConfig:
         tokenizer: a local tokenizer directory (it must hold, or will be given, ``<image>``).
         shapes: generate the shapes dataset in this directory when its shards are missing.
         shapes_image_size: the side of the generated shapes images, in pixels.
+        shapes_canvas: ``[width, height]``: generate the high-resolution shapes variant, every
+            image that large with its objects as small as at ``shapes_image_size``.
         tasks: examples drawn from each sample, among ``caption``, ``vqa``, ``chat`` (its
             conversation) and ``document`` (its interleaved text); default: all it holds.
         split: ``"shard"`` deals shards to ranks (scales, each sample once per epoch);
@@ -67,6 +69,7 @@ class DataConfig:
     tokenizer: str = ""
     shapes: str = ""
     shapes_image_size: int = 64
+    shapes_canvas: list[int] | None = None
     tasks: list[str] = field(default_factory=lambda: ["caption", "vqa", "chat", "document"])
     shuffle_buffer: int = 1000
     num_workers: int = 0

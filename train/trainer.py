@@ -155,7 +155,12 @@ def prepare_data(recipe: Recipe, env: Dist) -> None:
     if not recipe.data.shapes:
         return
     if env.is_main:
-        write_shapes(recipe.data.shapes, seed=recipe.run.seed, image_size=recipe.data.shapes_image_size)
+        write_shapes(
+            recipe.data.shapes,
+            seed=recipe.run.seed,
+            image_size=recipe.data.shapes_image_size,
+            canvas=recipe.data.shapes_canvas,
+        )
     if env.enabled:
         torch.distributed.barrier()
 

@@ -6,6 +6,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
+
+import transformers
 
 from vlm.convert import check_export, export_transformers
 from vlm.data.shapes import FOLLOW_UPS, combination
@@ -14,6 +17,7 @@ from vlm.eval.evaluate import evaluate
 from vlm.eval.fewshot import fewshot_accuracy
 from vlm.eval.gallery import write_gallery
 from vlm.eval.predict import Predictor
+from vlm.generate import GenerationConfig
 from vlm.hub import from_pretrained
 from vlm.train.recipe import RECIPES, load_recipe
 from vlm.train.trainer import train
@@ -71,6 +75,7 @@ def demo_command(args: argparse.Namespace) -> int:
             for name in vqa.get("groups", {})
         },
     }
+    metrics["export"] = export_demo_model(summary["model"], out / "hf", vqa_run.gallery)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     shown = caption_run.gallery[:24] + vqa_run.gallery[:36] + _gallery_items(chat_records, fewshot_records)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -99,8 +104,41 @@ def demo_command(args: argparse.Namespace) -> int:
         question = f"Q: {item['question']}  " if item.get("question") else ""
         expected = (item.get("answers") or item.get("references"))[0]
         print(f"    {question}-> {item['prediction']!r}   (expected {expected!r})")
+    exported = metrics["export"]
+    print(
+        f"\n  exported to {out / 'hf'} as {exported['architecture']}: logits "
+        f"{exported['max_logit_difference']:.1e} from vlm's at most; transformers' pipeline gives "
+        f"vlm's answer to {exported['same_answers']} of {exported['questions']} test questions"
+    )
     print(f"\nwrote {out / 'metrics.json'} and {out / 'gallery.html'}")
-    return 0
+    return 0 if exported["max_logit_difference"] <= CHECK_TOLERANCE else 1
+
+
+def export_demo_model(model_dir: str, out: Path, asked: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exports the demo's model to transformers (:func:`export_transformers`), compares the
+    export's logits with vlm's (:func:`check_export`), and asks the questions of ``asked``
+    (records with ``image``, ``question`` and vlm's ``prediction``) through transformers' own
+    ``image-text-to-text`` pipeline on the export, greedy."""
+    model = from_pretrained(model_dir)
+    fmt, out = export_transformers(model, load_tokenizer(model_dir), out)
+    difference = check_export(model, fmt, out)
+    pipe = transformers.pipeline("image-text-to-text", model=str(out))
+    same = 0
+    for record in asked:
+        content = [{"type": "image", "image": record["image"]}, {"type": "text", "text": record["question"]}]
+        reply = pipe(
+            text=[{"role": "user", "content": content}],
+            max_new_tokens=GenerationConfig.max_new_tokens,  # vlm's, which answered
+            do_sample=False,
+            return_full_text=False,
+        )
+        same += reply[0]["generated_text"].strip() == record["prediction"]
+    return {
+        "architecture": fmt.architectures[0],
+        "max_logit_difference": difference,
+        "questions": len(asked),
+        "same_answers": same,
+    }
 
 
 def _gallery_items(chat_records: list[dict], fewshot_records: list[dict]) -> list[dict]:

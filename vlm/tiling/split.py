@@ -19,6 +19,13 @@ MAX_SIDE = 4096  # no side beyond this, as Idefics3's processor caps it
 FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
 
 
+def marker_tokens(max_side: int) -> list[str]:
+    """The tokens split tiling's text marks images with, for grids up to ``max_side`` tiles a
+    side: a tokenizer needs them as single tokens (Idefics3's processor adds them)."""
+    cells = [f"<row_{r}_col_{c}>" for r in range(1, max_side + 1) for c in range(1, max_side + 1)]
+    return [FAKE, GLOBAL, *cells]
+
+
 @dataclass
 class SplitConfig:
     """How images are split into tiles and marked in the text.
