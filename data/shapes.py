@@ -371,9 +371,11 @@ def generate(
 def _check_sizes(image_size: int, canvas: Canvas | None) -> None:
     if image_size < 24:
         raise ValueError(f"image_size must be at least 24, got {image_size}")
-    if canvas is not None and (len(canvas) != 2 or min(canvas) < image_size):
+    # The objects keep their size at image_size: a third of its width, at most, plus margins.
+    if canvas is not None and (len(canvas) != 2 or canvas[0] < image_size or canvas[1] < image_size // 2):
         raise ValueError(
-            f"canvas must be (width, height), each at least image_size {image_size}, got {canvas}"
+            f"canvas must be (width, height), width at least {image_size} and height at least "
+            f"{image_size // 2}, got {canvas}"
         )
 
 

@@ -215,7 +215,9 @@ def test_a_canvas_draws_the_same_objects_small_on_a_large_image():
             pixel = large.image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))
             assert max(abs(c - d) for c, d in zip(pixel, shapes.COLORS[b["color"]])) <= 8
     with pytest.raises(ValueError, match="canvas must be"):
-        shapes.generate("val", 0, canvas=(32, 96))
+        shapes.generate("val", 0, canvas=(48, 96))
+    strip = shapes.generate("val", 0, canvas=(144, 32))  # a strip: every object inside it
+    assert all(o["box"][1] > 0 and o["box"][3] < 32 for o in strip.objects)
 
 
 def test_write_shapes_on_a_canvas_writes_large_images(tmp_path):
