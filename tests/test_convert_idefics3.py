@@ -5,6 +5,8 @@ models with a SigLIP-shaped ViT, a merging linear bridge and split tiling export
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 import vlm
 from vlm import ConfigError
 from vlm.bridges.linear import ProjectorConfig
+from vlm.cli import main
 from vlm.config import ModelConfig, ProcessorConfig
 from vlm.convert import FORMATS, check_export, export_transformers
 from vlm.data.loader import tile_pixels
@@ -349,16 +352,35 @@ def test_export_round_trip(tiling, tmp_path):
     assert got.tolist() == expected.tolist()
 
 
-def test_smolvlm_export_round_trip(tmp_path):
+def test_vlm_export_as_smolvlm_round_trip(tmp_path, capsys):
+    """Idefics3 and SmolVLM both take a split model: ``vlm export --as smolvlm`` picks SmolVLM."""
     model = tiny_model()
-    hf, processor = FORMATS["smolvlm"].export(model, TOKENIZER)
-    hf.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    assert check_export(model, FORMATS["smolvlm"], tmp_path) < 1e-4
-    loaded = transformers.AutoProcessor.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path / "model", tokenizer=TOKENIZER)
+    out = tmp_path / "hf"
+    args = ["export", "--model", str(tmp_path / "model"), "--out", str(out), "--as", "smolvlm", "--check"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "SmolVLMForConditionalGeneration" in printed and "check: transformers' logits are" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["SmolVLMForConditionalGeneration"]
+    assert check_export(model, FORMATS["smolvlm"], out) < 1e-4
+    loaded = transformers.AutoProcessor.from_pretrained(out)
     assert type(loaded).__name__ == "SmolVLMProcessor" and loaded.image_seq_len == model.tokens_per_image
-    back = vlm.from_pretrained(tmp_path)
+    back = vlm.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    ("to", "match"),
+    [
+        ("llava", r"no transformers format takes a 'linear' bridge with tiling 'split'; that export takes: "),
+        ("nonsense", r"no transformers format named 'nonsense'; the exports: .*smolvlm \(SmolVLMFor"),
+    ],
+)
+def test_export_to_a_format_that_cannot_take_the_model_is_refused(to, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        export_transformers(tiny_model(), TOKENIZER, tmp_path, to=to)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -64,11 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "export",
         handler="vlm.cli.commands:export_command",
-        help="write a vlm model as a transformers checkpoint (LLaVA, BLIP-2 or IDEFICS) it runs in",
+        help="write a vlm model as a transformers checkpoint it runs in (LLaVA, LLaVA-NeXT, OneVision, "
+        "BLIP-2, IDEFICS, Idefics3 or SmolVLM)",
     )
     export.add_argument("--model", required=True, help="a vlm model directory, with its tokenizer")
     export.add_argument("--to", default="transformers", choices=["transformers"], help="the target")
     export.add_argument("--out", required=True, help="where to write the checkpoint")
+    export.add_argument(
+        "--as",
+        dest="format",
+        metavar="FORMAT",
+        help="the format, where several take the model: a name (smolvlm) or an architecture "
+        "(SmolVLMForConditionalGeneration); default: the first that takes it (idefics3 before smolvlm)",
+    )
     export.add_argument(
         "--check",
         action="store_true",

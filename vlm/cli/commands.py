@@ -176,7 +176,7 @@ def export_command(args: argparse.Namespace) -> int:
     """Writes a vlm model as a transformers checkpoint (config, safetensors, tokenizer, processor)."""
     source = Path(args.model)
     model = from_pretrained(source)
-    fmt, out = export_transformers(model, load_tokenizer(source), args.out)
+    fmt, out = export_transformers(model, load_tokenizer(source), args.out, to=args.format)
     print(f"wrote {out}: {fmt.architectures[0]}, loads with transformers' AutoModelForImageTextToText")
     if not args.check:
         return 0

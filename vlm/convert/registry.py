@@ -123,11 +123,21 @@ def supported() -> list[str]:
     return sorted(CONVERTERS)
 
 
-def export_transformers(model: Any, tokenizer: Any, out: str | Path) -> tuple[Format, Path]:
+def export_transformers(
+    model: Any, tokenizer: Any, out: str | Path, *, to: str | None = None
+) -> tuple[Format, Path]:
     """Writes ``model`` as a transformers checkpoint of the format that takes its bridge and
-    its tiling (config, safetensors weights, tokenizer, processor) to ``out``."""
+    its tiling (config, safetensors weights, tokenizer, processor) to ``out``: the first such
+    format, or ``to`` (a format's name, ``"smolvlm"``, or its architecture,
+    ``"SmolVLMForConditionalGeneration"``) where several take it."""
     bridge, tiling = model.config.bridge.name, model.config.processor.tiling.name
     exporters = [f for f in FORMATS.values() if f.export is not None]
+    if to is not None:
+        named = [f for f in exporters if to == f.name or to in f.architectures]
+        if not named:
+            names = ", ".join(f"{f.name} ({f.architectures[0]})" for f in exporters)
+            raise ConfigError(f"no transformers format named {to!r}; the exports: {names}")
+        exporters = named
     fmt = next(
         (
             f
@@ -139,7 +149,8 @@ def export_transformers(model: Any, tokenizer: Any, out: str | Path) -> tuple[Fo
     if fmt is None:
         takes = [f"{'/'.join(f.bridges)} with tiling {'/'.join(f.tilings)} ({f.name})" for f in exporters]
         raise ConfigError(
-            f"no transformers format takes a {bridge!r} bridge with tiling {tiling!r}; the exports take: "
+            f"no transformers format takes a {bridge!r} bridge with tiling {tiling!r}; "
+            + ("that export takes: " if to is not None else "the exports take: ")
             + "; ".join(takes)
         )
     hf_model, processor = fmt.export(model, tokenizer)
